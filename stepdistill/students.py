@@ -1,0 +1,116 @@
+"""One-step and few-step generators.
+
+A generator is a trainable denoiser (usually a copy of the teacher network, wrapped by the same
+adapter) evaluated at fixed training timesteps.  Sampling is exactly what diffusers'
+``LCMScheduler`` does with ``timesteps=[t_1, ..., t_k]`` (descending):
+
+    x = z                                   # unit noise in the network's native space
+    for each t_i:
+        x0 = c_out(t_i) * x0_hat(x, t_i) + c_skip(t_i) * x         # LCM boundary condition
+        x  = sqrt(abar_{t_{i+1}}) x0 + sqrt(1 - abar_{t_{i+1}}) eps   # fresh noise, not after the last
+
+so the exported stock pipeline (``StableDiffusionPipeline`` + ``LCMScheduler``) or the package's
+``OneStepPipeline`` reproduces the training-time generator.  In sigma language (see
+``teachers/base.py``) re-noising is ``x = x0 + sigma_{i+1} eps`` and the native input is
+``teacher.noise_to_input(z, sigma)``.
+
+The LCM boundary scalings (``c_skip = 0.25 / ((10 t)^2 + 0.25)``) are ~1e-8 away from identity at
+the timesteps we use; they are applied anyway so that equality with the pipeline is exact, not
+approximate.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .teachers.base import Cond, DiffusionTeacher, append_dims
+
+
+def lcm_boundary_scalings(timestep: Tensor, sigma_data: float = 0.5, timestep_scaling: float = 10.0):
+    """c_skip, c_out of diffusers ``LCMScheduler.get_scalings_for_boundary_condition_discrete``."""
+    scaled = timestep * timestep_scaling
+    c_skip = sigma_data**2 / (scaled**2 + sigma_data**2)
+    c_out = scaled / (scaled**2 + sigma_data**2) ** 0.5
+    return c_skip, c_out
+
+
+class Generator(nn.Module):
+    """``generator(noise, cond) -> x0`` at fixed training timestep indices.
+
+    Args:
+        denoiser: trainable denoiser in sigma language (a teacher copy, LoRA-adapted or smaller).
+        timesteps: training timestep indices, descending (``[999]``, ``[899]``, ``[999, 749, 499, 249]``).
+        boundary: ``"lcm"`` applies the LCMScheduler boundary condition (VP students exported with
+            LCMScheduler); ``"none"`` returns the denoiser output unchanged (analytic / EDM students).
+    """
+
+    def __init__(self, denoiser: DiffusionTeacher, timesteps: Sequence[int] = (999,), boundary: str = "lcm"):
+        super().__init__()
+        timesteps = [int(t) for t in timesteps]
+        if not timesteps:
+            raise ValueError("a generator needs at least one timestep")
+        if any(a <= b for a, b in zip(timesteps, timesteps[1:])):
+            raise ValueError(f"generator timesteps must be strictly descending, got {timesteps}")
+        n = denoiser.num_train_timesteps
+        if not all(0 <= t < n for t in timesteps):
+            raise ValueError(f"generator timesteps must lie in [0, {n - 1}], got {timesteps}")
+        if boundary not in ("lcm", "none"):
+            raise ValueError(f"boundary must be 'lcm' or 'none', got {boundary!r}")
+        self.denoiser = denoiser
+        self.timesteps = timesteps
+        self.boundary = boundary
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        return self.denoiser.sample_shape
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.timesteps)
+
+    def sigma(self, step: int) -> Tensor:
+        return self.denoiser.sigma_at(self.timesteps[step])
+
+    def start(self, z: Tensor) -> Tensor:
+        """VE-space input of the first step for unit noise ``z``."""
+        return self.denoiser.noise_to_input(z, self.sigma(0))
+
+    def denoise_step(self, x: Tensor, step: int, cond: Cond | None) -> Tensor:
+        """x0 from the VE-space sample ``x`` at the generator's ``step``-th timestep (one NFE)."""
+        sigma = self.sigma(step).to(x.device).expand(x.shape[0])
+        x0 = self.denoiser.denoise(x, sigma, cond, guidance_scale=1.0)
+        if self.boundary == "lcm":
+            t = torch.tensor(self.denoiser.timestep_value(self.timesteps[step]), dtype=torch.float32)
+            c_skip, c_out = lcm_boundary_scalings(t)
+            native = x / append_dims((1 + sigma.to(x.dtype) ** 2).sqrt(), x.ndim)  # VP model input
+            x0 = c_out * x0 + c_skip * native
+        return x0
+
+    def renoise(self, x0: Tensor, step: int, noise: Tensor) -> Tensor:
+        """Fresh-noise re-noising to the ``step``-th timestep (LCM multi-step sampling)."""
+        return self.denoiser.add_noise(x0, self.sigma(step).expand(x0.shape[0]), noise)
+
+    def forward(
+        self,
+        z: Tensor,
+        cond: Cond | None = None,
+        num_steps: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Run ``num_steps`` (default: all) generator steps from unit noise ``z``.
+
+        Fresh noise between steps is drawn with ``generator`` in the same order as
+        ``LCMScheduler.step`` draws it, so pipeline and generator agree for a seeded generator.
+        """
+        k = self.num_steps if num_steps is None else num_steps
+        x = self.start(z)
+        x0 = x
+        for i in range(k):
+            x0 = self.denoise_step(x, i, cond)
+            if i + 1 < k:
+                noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+                x = self.renoise(x0, i + 1, noise)
+        return x0
