@@ -24,3 +24,6 @@ def build(name: str, teacher, params: dict | None = None) -> Distiller:
 
 
 __all__ = ["REGISTRY", "Distiller", "LossOutput", "build", "register"]
+
+# explicit registry: importing the algorithm modules registers them
+from . import dmd2, vsd  # noqa: E402,F401

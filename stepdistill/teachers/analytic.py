@@ -39,8 +39,10 @@ class GaussianMixtureTeacher(DiffusionTeacher):
         sample_shape: tuple[int, ...] | None = None,
         sigmas: Tensor | None = None,
         guidance_scale: float = 1.0,
+        conditional: bool = True,
     ):
         super().__init__()
+        self.conditional = conditional
         means = torch.as_tensor(means, dtype=torch.float32)
         k = means.shape[0]
         flat = means.reshape(k, -1)
@@ -84,6 +86,7 @@ class GaussianMixtureTeacher(DiffusionTeacher):
         params = dict(params)
         kind = params.pop("mixture", "ring")
         gs = params.pop("guidance_scale", 1.0)
+        params.setdefault("conditional", True)
         if kind == "ring":
             return cls.ring(guidance_scale=gs, **params)
         if kind == "grid":
@@ -103,7 +106,10 @@ class GaussianMixtureTeacher(DiffusionTeacher):
             return None
         return {"class_labels": torch.as_tensor(raw, dtype=torch.long, device=self.means.device)}
 
-    def random_raw_conditions(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+    def random_raw_conditions(self, n: int, generator: torch.Generator | None = None) -> Tensor | None:
+        """Component ids drawn by weight; None for an unconditional mixture (``conditional=False``)."""
+        if not self.conditional:
+            return None
         return torch.multinomial(self.weights.cpu(), n, replacement=True, generator=generator)
 
     def _component_logits(self, x_flat: Tensor, sigma: Tensor) -> Tensor:
@@ -185,15 +191,24 @@ class GaussianMixtureTeacher(DiffusionTeacher):
                 out["class_match"] = float((nearest[real] == labels[real]).float().mean())
         return out
 
-    def trainable_copy(self, hidden: int = 128, fit_steps: int = 1500, seed: int = 0) -> MLPDenoiser:
+    def trainable_copy(self, hidden: int = 128, fit_steps: int = 800, seed: int = 0) -> MLPDenoiser:
         """A trainable network that starts as (an approximation of) this teacher.
 
         There are no teacher weights to copy, so an MLP denoiser is fitted to the exact denoiser
         by regression over all training noise levels; this plays the role that "a copy of the
-        teacher UNet" plays for network teachers (critic / generator initialisation).
+        teacher UNet" plays for network teachers (critic / generator initialisation).  The fit is
+        done once per (hidden, fit_steps, seed) and deep-copied afterwards.
         """
-        net = MLPDenoiser(self, hidden=hidden)
-        net.fit_to(self, steps=fit_steps, seed=seed)
+        import copy
+
+        key = (hidden, fit_steps, seed)
+        cache = self.__dict__.setdefault("_fitted_copies", {})
+        if key not in cache:
+            net = MLPDenoiser(self, hidden=hidden)
+            net.fit_to(self, steps=fit_steps, seed=seed)
+            cache[key] = net
+        net = copy.deepcopy(cache[key])
+        net.requires_grad_(True)
         return net
 
 
@@ -252,7 +267,7 @@ class MLPDenoiser(DiffusionTeacher):
         opt = torch.optim.Adam(self.parameters(), lr=lr)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
         for _ in range(steps):
-            labels = teacher.random_raw_conditions(batch, g)
+            labels = torch.multinomial(teacher.weights.cpu(), batch, replacement=True, generator=g)
             drop = torch.rand(batch, generator=g) < 0.2
             labels = torch.where(drop, torch.full_like(labels, self.num_classes), labels)
             cond = {"class_labels": labels}

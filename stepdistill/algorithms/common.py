@@ -1,0 +1,246 @@
+"""Machinery shared by the score-distillation algorithms (DMD2, VSD, DisBack, MSD).
+
+* :func:`make_generator` — the one-/few-step student from a teacher copy, with the guard against
+  conditioning timesteps where the x0 conversion is ill-posed.
+* :func:`denoising_weight` / :func:`critic_denoising_loss` — the fake-score ("critic") loss in
+  the teacher's own parametrisation, written in x0 space.
+* :class:`GANHead` + :class:`BottleneckFeatures` — DMD2's discriminator on the critic's bottleneck
+  (a forward hook on the diffusers mid-block, no forked UNet code).
+* :func:`sample_timestep_indices` — uniform integer timestep indices, the papers' ``20..980``.
+* :func:`teacher_pairs` — deterministic (noise, teacher ODE sample) pairs for regression.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..students import Generator
+from ..teachers.base import Cond, DiffusionTeacher, append_dims, cond_index
+
+
+class GeneratorTimestepError(ValueError):
+    pass
+
+
+def make_generator(teacher: DiffusionTeacher, timesteps: list[int], min_abar: float = 1e-3) -> Generator:
+    """A student initialised from the teacher, evaluated at ``timesteps`` (descending).
+
+    For epsilon-prediction VP teachers, x0 = (x - sqrt(1-abar) eps) / sqrt(abar) multiplies the
+    network's error by 1/sqrt(abar); at t = 999 of a cosine schedule abar ~ 2.4e-9 (a factor of
+    ~20 000), which makes one-step training diverge.  We refuse such timesteps with a clear error.
+    v-prediction and sample-prediction are well-posed at every t.
+    """
+    copy = teacher.trainable_copy()
+    pt = getattr(teacher, "prediction_type", None)
+    if pt == "epsilon":
+        sig = teacher.sigmas[timesteps[0]]
+        abar = float(1 / (1 + sig**2))
+        if abar < min_abar:
+            ok = int((teacher.sigmas <= math.sqrt((1 - min_abar) / min_abar)).nonzero().max())
+            raise GeneratorTimestepError(
+                f"generator timestep {timesteps[0]} has alpha_bar={abar:.2e} for this epsilon-prediction teacher: "
+                f"converting eps to x0 amplifies errors by {1 / math.sqrt(abar):.0f}x and training diverges. "
+                f"Use algorithm.params.generator_timesteps=[{ok}] or lower (alpha_bar >= {min_abar}), "
+                "or a v-prediction teacher."
+            )
+    boundary = "lcm" if hasattr(teacher, "alphas_cumprod") and pt in ("epsilon", "v_prediction", "sample") else "none"
+    return Generator(copy, timesteps, boundary=boundary)
+
+
+def sample_timestep_indices(n: int, lo: int, hi: int, device=None, generator=None) -> Tensor:
+    """Uniform integer indices in [lo, hi] inclusive (DMD2 uses 20..980 of 1000)."""
+    return torch.randint(lo, hi + 1, (n,), generator=generator, device=device)
+
+
+def frac_to_index(teacher: DiffusionTeacher, frac: float) -> int:
+    return int(round(frac * (teacher.num_train_timesteps - 1)))
+
+
+def denoising_weight(sigma: Tensor, kind: str, sigma_data: float = 0.5) -> Tensor:
+    """Per-sample weight turning x0-space MSE into the network's native loss.
+
+    epsilon: ||eps_hat - eps||^2 = ||x0_hat - x0||^2 / sigma^2
+    v_prediction: ||v_hat - v||^2 = ||x0_hat - x0||^2 (1 + sigma^2) / sigma^2
+    sample: 1;  edm: (sigma^2 + sigma_data^2) / (sigma sigma_data)^2 (Karras et al. 2022)
+    """
+    if kind == "epsilon":
+        return 1 / sigma**2
+    if kind == "v_prediction":
+        return (1 + sigma**2) / sigma**2
+    if kind in ("sample", "flow"):
+        return torch.ones_like(sigma)
+    if kind == "edm":
+        return (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2
+    raise ValueError(f"unknown denoising weighting {kind!r}")
+
+
+def default_weighting(teacher: DiffusionTeacher) -> str:
+    pt = getattr(teacher, "prediction_type", None)
+    return pt if pt in ("epsilon", "v_prediction", "sample", "flow") else "edm"
+
+
+def critic_denoising_loss(
+    critic: DiffusionTeacher,
+    x0: Tensor,
+    cond: Cond | None,
+    indices: Tensor,
+    weighting: str,
+    extra_weight: Tensor | None = None,
+) -> Tensor:
+    """Denoising score matching of the critic on (detached) generator samples, in x0 space."""
+    sigma = critic.sigmas[indices].to(x0.device)
+    xt = critic.add_noise(x0, sigma)
+    pred = critic.denoise_raw(xt, sigma, cond)
+    w = denoising_weight(sigma, weighting)
+    if extra_weight is not None:
+        w = w * extra_weight
+    per = ((pred.float() - x0.float()) ** 2).flatten(1).mean(1)
+    return (w * per).mean()
+
+
+# ---------------------------------------------------------------------------------------------
+# GAN head on the critic's bottleneck
+
+
+def bottleneck_module(denoiser: nn.Module) -> nn.Module:
+    """The module whose output is the critic's bottleneck feature.
+
+    diffusers UNets: ``mid_block``; DiT transformers: the last transformer block; the analytic
+    MLP denoiser: its last hidden activation.
+    """
+    model = getattr(denoiser, "model", None)
+    if model is not None:
+        if getattr(model, "mid_block", None) is not None:
+            return model.mid_block
+        blocks = getattr(model, "transformer_blocks", None)
+        if blocks is not None and len(blocks):
+            return blocks[-1]
+        raise ValueError(f"cannot find a bottleneck in {type(model).__name__}; expected a mid_block")
+    body = getattr(denoiser, "body", None)
+    if body is not None:
+        return body[-2]  # activation before the output projection
+    raise ValueError(f"cannot find a bottleneck in {type(denoiser).__name__}")
+
+
+class BottleneckFeatures:
+    """Capture the bottleneck output of a denoiser through a forward hook."""
+
+    def __init__(self, denoiser: nn.Module):
+        self.module = bottleneck_module(denoiser)
+        self.feature: Tensor | None = None
+        self.module.register_forward_hook(self._hook)
+
+    def _hook(self, module, args, output):
+        self.feature = output[0] if isinstance(output, (tuple, list)) else output
+
+    def __call__(self, denoiser: DiffusionTeacher, x: Tensor, sigma: Tensor, cond: Cond | None) -> Tensor:
+        self.feature = None
+        denoiser.denoise_raw(x, sigma, cond)
+        if self.feature is None:
+            raise RuntimeError("bottleneck hook did not fire")
+        return self.feature
+
+
+class GANHead(nn.Module):
+    """DMD2's classifier branch: conv(4x4, s2) -> GroupNorm -> SiLU blocks down to 1x1, then a 1x1
+    conv to one logit.  Vector features (MLP critics) get a 2-layer MLP."""
+
+    def __init__(self, feature_shape: tuple[int, ...]):
+        super().__init__()
+        if len(feature_shape) == 3:
+            c, h, _ = feature_shape
+            layers: list[nn.Module] = []
+            groups = math.gcd(32, c)
+            while h > 1:
+                stride = 2 if h >= 4 else 1
+                k = 4 if h >= 4 else h
+                pad = 1 if h >= 4 else 0
+                layers += [nn.Conv2d(c, c, k, stride, pad), nn.GroupNorm(groups, c), nn.SiLU()]
+                h = (h + 2 * pad - k) // stride + 1
+            layers.append(nn.Conv2d(c, 1, 1))
+            self.net = nn.Sequential(*layers)
+        elif len(feature_shape) == 1:
+            d = feature_shape[0]
+            self.net = nn.Sequential(nn.Linear(d, d), nn.SiLU(), nn.Linear(d, 1))
+        else:
+            raise ValueError(f"GAN head supports (C,H,W) or (D,) features, got {feature_shape}")
+
+    def forward(self, feature: Tensor) -> Tensor:
+        return self.net(feature.float()).flatten(1).mean(1)
+
+
+def gan_feature_shape(critic: DiffusionTeacher, hook: BottleneckFeatures, cond_example: Cond | None) -> tuple:
+    with torch.no_grad():
+        x = torch.zeros((1, *critic.sample_shape), device=critic.sigmas.device)
+        f = hook(critic, x, critic.sigmas[len(critic.sigmas) // 2].reshape(1), cond_index(cond_example, slice(0, 1)))
+    return tuple(f.shape[1:])
+
+
+# ---------------------------------------------------------------------------------------------
+# regression pairs
+
+
+@torch.no_grad()
+def teacher_pairs(
+    teacher: DiffusionTeacher,
+    n: int,
+    num_steps: int = 10,
+    sampler: str = "ddim",
+    seed: int = 1234,
+    batch_size: int = 500,
+    guidance_scale: float | None = None,
+) -> dict[str, Tensor]:
+    """Deterministic (noise, raw_cond, x0) triples: x0 is the teacher's ODE sample from the noise.
+
+    The noise is the scheduler's unit starting noise, i.e. the generator's own input ``z``.
+    """
+    g = torch.Generator().manual_seed(seed)
+    zs, xs, cs = [], [], []
+    for start in range(0, n, batch_size):
+        b = min(batch_size, n - start)
+        raw = teacher.random_raw_conditions(b, g)
+        cond = teacher.encode_conditions(raw) if raw is not None else None
+        z = torch.randn((b, *teacher.sample_shape), generator=g)
+        if hasattr(teacher, "sample"):
+            x0 = teacher.sample(cond=cond, num_steps=num_steps, sampler=sampler, noise=z,
+                                guidance_scale=guidance_scale)
+        else:  # analytic teacher: Euler on the probability-flow ODE in sigma space
+            x0 = probability_flow_euler(teacher, z, cond, num_steps, guidance_scale)
+        zs.append(z)
+        xs.append(x0.float())
+        if raw is not None:
+            cs.append(torch.as_tensor(raw))
+    out = {"noise": torch.cat(zs), "x0": torch.cat(xs)}
+    if cs:
+        out["raw_cond"] = torch.cat(cs)
+    return out
+
+
+@torch.no_grad()
+def probability_flow_euler(teacher: DiffusionTeacher, z: Tensor, cond, num_steps: int, guidance_scale=None) -> Tensor:
+    """Karras-spaced Euler steps of dx/dsigma = (x - D(x, sigma)) / sigma from sigma_max to 0."""
+    smax, smin, rho = teacher.sigma_max, teacher.sigma_min, 7.0
+    ramp = torch.linspace(0, 1, num_steps)
+    sig = (smax ** (1 / rho) + ramp * (smin ** (1 / rho) - smax ** (1 / rho))) ** rho
+    sig = torch.cat([sig, torch.zeros(1)])
+    x = z * sig[0]
+    for i in range(num_steps):
+        d = teacher.denoise(x, sig[i], cond, guidance_scale)
+        x = x + (x - d) / sig[i] * (sig[i + 1] - sig[i])
+    return x
+
+
+def per_sample_mean_abs(x: Tensor) -> Tensor:
+    return append_dims(x.abs().flatten(1).mean(1), x.ndim)
+
+
+def nonsaturating_d_loss(logits_real: Tensor, logits_fake: Tensor) -> Tensor:
+    return F.softplus(logits_fake).mean() + F.softplus(-logits_real).mean()
+
+
+def nonsaturating_g_loss(logits_fake: Tensor) -> Tensor:
+    return F.softplus(-logits_fake).mean()

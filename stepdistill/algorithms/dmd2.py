@@ -1,0 +1,251 @@
+"""DMD2: Improved Distribution Matching Distillation (Yin et al., NeurIPS 2024, arXiv 2405.14867).
+
+Per generator update (spec: shared/docs/research/algos_dmd2_vsd_disback.md §3):
+
+    x   = G(z, c)                                  (backward simulation for multi-step students)
+    t   ~ U{min_step..max_step};  x_t = x + sigma_t eps
+    g   = (D_fake(x_t) - D_real^w(x_t)) / mean_CHW |x - D_real^w(x_t)|        (no grad; CFG w on real only)
+    L_G = 0.5 mean((x - sg(x - g))^2) + lambda_G softplus(-D(x_t'))             (GAN through the critic)
+
+Per critic update, on x.detach():
+
+    L_C = denoising loss of the fake score on generator samples (teacher's own parametrisation)
+          + lambda_D [softplus(D(fake_t')) + softplus(-D(real_t'))]
+
+Two time-scale update rule: the critic updates every step, the generator every ``update_ratio``
+steps (and the critic also on those).  Optional stages before DMD: a regression warm-start on
+teacher (noise, ODE sample) pairs (DMD v1 / DMD2-SDXL; MSE here, LPIPS needs downloaded weights)
+and a critic-only warm-up.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..teachers.base import DiffusionTeacher, cond_index
+from . import register
+from .base import Distiller, LossOutput
+from .common import (
+    BottleneckFeatures,
+    GANHead,
+    critic_denoising_loss,
+    default_weighting,
+    frac_to_index,
+    gan_feature_shape,
+    make_generator,
+    nonsaturating_d_loss,
+    nonsaturating_g_loss,
+    per_sample_mean_abs,
+    sample_timestep_indices,
+    teacher_pairs,
+)
+
+
+@dataclass
+class DMD2Config:
+    generator_timesteps: list = field(default_factory=lambda: [999])  # descending; >1 = multi-step student
+    backward_simulation: bool = True  # multi-step: train on the student's own rollouts (paper §3.6)
+    min_step_frac: float = 0.02  # DM timestep range: indices 20..980 of 1000
+    max_step_frac: float = 0.98
+    real_guidance_scale: float | None = None  # CFG on the teacher ("real") score; None = teacher's default
+    update_ratio: int = 5  # critic updates per generator update (TTUR): 5 ImageNet/SDXL, 10 SD1.5
+    critic_weighting: str | None = None  # epsilon | v_prediction | sample | edm; None = teacher's own
+    gan_weight_g: float = 0.0  # lambda_G (3e-3 ImageNet, 1e-3 SD1.5 stage 2, 5e-3 SDXL); 0 disables
+    gan_weight_d: float = 0.01  # lambda_D (1e-2 in every released config); used when gan_weight_g > 0
+    gan_max_step_frac: float = 1.0  # GAN inputs noised at t ~ U{0..frac*T-1}
+    critic_warmup_steps: int = 0  # critic-only steps before the first generator update
+    regression_steps: int = 0  # generator-only regression warm-start steps (0 disables)
+    regression_pairs: int = 0  # number of teacher (noise, sample) pairs
+    regression_sampler: str = "ddim"
+    regression_sampler_steps: int = 10
+    regression_lr_scale: float = 1.0  # generator lr multiplier during the regression stage
+    generator_lr: float = 1e-5
+    critic_lr: float = 1e-4
+
+
+@register
+class DMD2(Distiller):
+    name = "dmd2"
+    paper = "Yin et al., Improved Distribution Matching Distillation for Fast Image Synthesis, NeurIPS 2024"
+    Config = DMD2Config
+
+    def __init__(self, teacher: DiffusionTeacher, config: DMD2Config):
+        super().__init__(teacher, config)
+        c = config
+        if c.update_ratio < 1:
+            raise ValueError("algorithm.params.update_ratio must be >= 1")
+        if not 0 <= c.min_step_frac <= c.max_step_frac <= 1:
+            raise ValueError("need 0 <= min_step_frac <= max_step_frac <= 1")
+        if c.regression_steps > 0 and c.regression_pairs <= 0:
+            raise ValueError("regression_steps > 0 needs regression_pairs > 0 (teacher noise-image pairs)")
+        self.generator = make_generator(teacher, [int(t) for t in c.generator_timesteps])
+        self.critic = teacher.trainable_copy()  # the fake score
+        self.weighting = c.critic_weighting or default_weighting(teacher)
+        self.min_step = frac_to_index(teacher, c.min_step_frac)
+        self.max_step = frac_to_index(teacher, c.max_step_frac)
+        self.use_gan = c.gan_weight_g > 0
+        self.critic_group = nn.ModuleDict({"score": self.critic})
+        if self.use_gan:
+            self.features = BottleneckFeatures(self.critic)
+            example = teacher.null_condition(1)
+            self.critic_group["gan_head"] = GANHead(gan_feature_shape(self.critic, self.features, example))
+        self.pairs = None
+        if c.regression_steps > 0:
+            self.pairs = teacher_pairs(
+                teacher, c.regression_pairs, c.regression_sampler_steps, c.regression_sampler,
+                guidance_scale=c.real_guidance_scale,
+            )
+
+    # -- interface ----------------------------------------------------------------------------
+    def trainable(self) -> dict[str, nn.Module]:
+        return {"generator": self.generator, "critic": self.critic_group}
+
+    def lr_defaults(self) -> dict[str, float]:
+        return {"generator": self.config.generator_lr, "critic": self.config.critic_lr}
+
+    def lr_scale(self, step: int, group: str) -> float:
+        if group == "generator" and step < self.config.regression_steps:
+            return self.config.regression_lr_scale
+        return 1.0
+
+    def stage(self, step: int) -> tuple[str, int]:
+        c = self.config
+        if step < c.regression_steps:
+            return "regression", step
+        step -= c.regression_steps
+        if step < c.critic_warmup_steps:
+            return "critic_warmup", step
+        return "dmd", step - c.critic_warmup_steps
+
+    def phase(self, step: int) -> list[str]:
+        stage, s = self.stage(step)
+        if stage == "regression":
+            return ["generator"]
+        if stage == "critic_warmup":
+            return ["critic"]
+        return ["generator", "critic"] if s % self.config.update_ratio == 0 else ["critic"]
+
+    def generator_for_export(self):
+        return self.generator
+
+    # -- losses ---------------------------------------------------------------------------------
+    def _cond(self, batch, n, device):
+        raw = batch.get("raw_cond")
+        if raw is None:
+            raw = self.teacher.random_raw_conditions(n)
+        return self.teacher.encode_conditions(raw) if raw is not None else None
+
+    def _generate(self, batch: dict, step: int, cache: dict, grad: bool):
+        """Generator sample for this step (cached so that both phases see the same x)."""
+        if "x" in cache and not grad:
+            return cache["x"].detach(), cache["cond"]
+        device = self.teacher.sigmas.device
+        n = _batch_size(batch)
+        cond = self._cond(batch, n, device)
+        z = torch.randn((n, *self.generator.sample_shape), device=device)
+        gen = self.generator
+        with torch.set_grad_enabled(grad):
+            if gen.num_steps > 1 and self.config.backward_simulation:
+                x = self._backward_simulation(z, cond, step)
+            else:
+                x = gen(z, cond, num_steps=gen.num_steps)
+        cache["x"], cache["cond"] = x.detach(), cond
+        return x, cond
+
+    def _backward_simulation(self, z, cond, step):
+        """DMD2 §3.6: roll the current student out k steps without grad (k shared across ranks,
+        drawn from the step number), re-noise with fresh noise, then one step with grad."""
+        gen = self.generator
+        k = int(torch.randint(0, gen.num_steps, (1,), generator=torch.Generator().manual_seed(step)))
+        x = gen.start(z)
+        if k > 0:
+            with torch.no_grad():
+                x0 = gen(z, cond, num_steps=k)
+                x = gen.renoise(x0, k, torch.randn_like(x0))
+        return gen.denoise_step(x, k, cond)
+
+    def loss(self, batch: dict, step: int, group: str, cache: dict) -> LossOutput:
+        stage, _ = self.stage(step)
+        if group == "generator":
+            if stage == "regression":
+                return self._regression_loss(batch)
+            return self._generator_loss(batch, step, cache)
+        return self._critic_loss(batch, step, cache)
+
+    def _regression_loss(self, batch: dict) -> LossOutput:
+        p = self.pairs
+        n = _batch_size(batch)
+        idx = torch.randint(0, p["noise"].shape[0], (n,))
+        cond = self.teacher.encode_conditions(p["raw_cond"][idx]) if "raw_cond" in p else None
+        x = self.generator(p["noise"][idx].to(self.teacher.sigmas.device), cond)
+        loss = torch.nn.functional.mse_loss(x, p["x0"][idx].to(x.device))
+        return LossOutput(loss, {"regression": float(loss.detach())})
+
+    def _generator_loss(self, batch, step, cache) -> LossOutput:
+        c = self.config
+        x, cond = self._generate(batch, step, cache, grad=True)
+        n = x.shape[0]
+        idx = sample_timestep_indices(n, self.min_step, self.max_step, device=x.device)
+        sigma = self.teacher.sigmas[idx]
+        with torch.no_grad():
+            xt = self.teacher.add_noise(x.detach(), sigma)
+            real = self.teacher.denoise(xt, sigma, cond, c.real_guidance_scale)
+            fake = self.critic.denoise(xt, sigma, cond, guidance_scale=1.0)
+            grad = (fake - real) / per_sample_mean_abs(x.detach() - real).clamp_min(1e-8)
+        dm = self.surrogate_loss(x, grad)
+        logs = {"dm": float(dm.detach()), "dm_grad_norm": float(grad.flatten(1).norm(dim=1).mean())}
+        loss = dm
+        if self.use_gan:
+            gidx = sample_timestep_indices(n, 0, frac_to_index(self.teacher, c.gan_max_step_frac), device=x.device)
+            gs = self.teacher.sigmas[gidx]
+            feat = self.features(self.critic, self.critic.add_noise(x, gs), gs, cond)
+            g_gan = nonsaturating_g_loss(self.critic_group["gan_head"](feat))
+            loss = loss + c.gan_weight_g * g_gan
+            logs["gan_g"] = float(g_gan.detach())
+        return LossOutput(loss, logs)
+
+    def _critic_loss(self, batch, step, cache) -> LossOutput:
+        c = self.config
+        x, cond = self._generate(batch, step, cache, grad=False)
+        n = x.shape[0]
+        idx = sample_timestep_indices(n, 0, self.teacher.num_train_timesteps - 1, device=x.device)
+        fake_loss = critic_denoising_loss(self.critic, x, cond, idx, self.weighting)
+        logs = {"critic_dsm": float(fake_loss.detach())}
+        loss = fake_loss
+        if self.use_gan:
+            real = batch.get("real")
+            if real is None:
+                raise ValueError("DMD2 with gan_weight_g > 0 needs real data: set train.dataset")
+            real = real.to(x.device)
+            encode = getattr(self.teacher, "encode", None)
+            if encode is not None:
+                real = encode(real)
+            real_cond = self.teacher.encode_conditions(batch["raw_cond"]) if batch.get("raw_cond") is not None else cond
+            top = frac_to_index(self.teacher, c.gan_max_step_frac)
+            head = self.critic_group["gan_head"]
+            i_f = sample_timestep_indices(n, 0, top, device=x.device)
+            i_r = sample_timestep_indices(real.shape[0], 0, top, device=x.device)
+            s_f, s_r = self.teacher.sigmas[i_f], self.teacher.sigmas[i_r]
+            lf = head(self.features(self.critic, self.critic.add_noise(x, s_f), s_f, cond))
+            lr = head(self.features(self.critic, self.critic.add_noise(real, s_r), s_r, real_cond))
+            d = nonsaturating_d_loss(lr, lf)
+            loss = loss + c.gan_weight_d * d
+            logs.update(gan_d=float(d.detach()), d_real=float(lr.mean().detach()), d_fake=float(lf.mean().detach()))
+        return LossOutput(loss, logs)
+
+
+def _batch_size(batch: dict) -> int:
+    for key in ("real", "raw_cond"):
+        v = batch.get(key)
+        if v is not None:
+            return len(v)
+    n = batch.get("batch_size")
+    if n is None:
+        raise ValueError("batch carries neither data, conditions nor a batch_size")
+    return int(n)
+
+
+__all__ = ["DMD2", "DMD2Config", "cond_index"]

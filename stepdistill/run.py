@@ -1,0 +1,186 @@
+"""Glue between configuration and the library: build teachers, train teachers, run distillation.
+
+Everything the CLI does goes through these functions, so Python users get the same behaviour:
+
+    from stepdistill.config import load_config
+    from stepdistill.run import run_distillation
+    result = run_distillation(load_config("digits/dmd2", ["train.max_steps=200"]))
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from .config import ConfigError, RunConfig, TeacherConfig, from_dict, load_config, save_config, to_dict
+from .teachers.base import DiffusionTeacher
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("STEPDISTILL_CACHE", Path.home() / ".cache" / "stepdistill"))
+
+
+# ---------------------------------------------------------------------------------------------
+# teachers
+
+
+def embedded_teacher_dir(preset: str = "digits/teacher", overrides: list[str] | None = None) -> Path:
+    """Cache folder of an embedded teacher, keyed by the resolved preset (any change retrains)."""
+    cfg = load_config(preset, overrides or [])
+    key = json.dumps({"teacher": to_dict(cfg.teacher), "train": _teacher_train_key(cfg)}, sort_keys=True)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+    return cache_dir() / "teachers" / f"{Path(preset).parent.name or preset}-{digest}"
+
+
+def _teacher_train_key(cfg: RunConfig) -> dict:
+    t = to_dict(cfg.train)
+    for k in ("output_dir", "progress", "report_to", "log_every_steps", "sample_every_steps", "resume"):
+        t.pop(k, None)
+    return t
+
+
+def ensure_embedded_teacher(preset: str = "digits/teacher", overrides: list[str] | None = None, quiet=False) -> Path:
+    """Return the cached embedded teacher pipeline folder, training it first if missing."""
+    out = embedded_teacher_dir(preset, overrides)
+    if (out / "pipeline" / "model_index.json").exists():
+        return out / "pipeline"
+    if not quiet:
+        print(f"[stepdistill] embedded teacher not cached; training it once into {out} ...", flush=True)
+    run_teacher_training(load_config(preset, overrides or []), out)
+    return out / "pipeline"
+
+
+def build_teacher(tcfg: TeacherConfig, device: torch.device | str = "cpu") -> DiffusionTeacher:
+    kind = tcfg.kind
+    if kind == "analytic":
+        from .teachers.analytic import GaussianMixtureTeacher
+
+        params = dict(tcfg.params)
+        params.setdefault("guidance_scale", tcfg.guidance_scale)
+        teacher = GaussianMixtureTeacher.from_params(params)
+    elif kind in ("diffusers", "digits"):
+        from .teachers.diffusion import DiffusersTeacher
+
+        if kind == "digits":
+            path = tcfg.path or str(ensure_embedded_teacher(tcfg.params.get("preset", "digits/teacher")))
+        else:
+            if not tcfg.path:
+                raise ConfigError("teacher.path is required for teacher.kind=diffusers (a pipeline folder or hub id)")
+            path = tcfg.path
+        if tcfg.dtype not in DTYPES:
+            raise ConfigError(f"teacher.dtype must be one of {', '.join(DTYPES)}, got {tcfg.dtype!r}")
+        teacher = DiffusersTeacher.from_pretrained(
+            path,
+            prediction_type=tcfg.prediction_type,
+            guidance_scale=tcfg.guidance_scale,
+            dtype=DTYPES[tcfg.dtype],
+        )
+    else:
+        raise ConfigError(f"teacher.kind must be analytic | diffusers | digits, got {kind!r}")
+    return teacher.to(device)
+
+
+# ---------------------------------------------------------------------------------------------
+# teacher training
+
+
+def run_teacher_training(cfg: RunConfig, output: str | Path, progress: bool | None = None) -> Path:
+    """Train the embedded class-conditional UNet teacher; write a pipeline folder to output/pipeline."""
+    from .data.sources import build_source
+    from .export import export_teacher_pipeline
+    from .teachers.diffusion import DiffusersTeacher
+    from .teachers.training import DenoiserTraining, UNetSpec
+    from .training import train
+
+    output = Path(output)
+    spec = from_dict(UNetSpec, cfg.teacher.params.get("unet", {}), prefix="teacher.params.unet.")
+    algo = DenoiserTraining(spec)
+    cfg.train.output_dir = str(output / "train")
+    if progress is not None:
+        cfg.train.progress = progress
+    if cfg.train.dataset is None:
+        raise ConfigError("teacher training needs train.dataset (e.g. digits, an image folder or hf:<path>)")
+    source = build_source(cfg.train, None, needs_data=True)
+
+    def sample_fn(step: int):
+        net = algo.unet
+        teacher = DiffusersTeacher(net, dict(algo.scheduler.config), num_classes=spec.num_classes)
+        n = cfg.train.num_sample_images
+        labels = torch.arange(n) % spec.num_classes
+        was = net.training
+        net.eval()
+        x = teacher.sample(n, teacher.encode_conditions(labels), num_steps=10, sampler="ddim",
+                           generator=torch.Generator().manual_seed(0))
+        net.train(was)
+        return x.clamp(-1, 1)
+
+    result = train(algo, source, cfg.train, sample_fn=sample_fn, run_config=to_dict(cfg))
+    unet = algo.unet
+    ema = result.get("ema") if isinstance(result, dict) else None
+    if ema is not None:
+        unet.load_state_dict(ema)
+    pipe_dir = output / "pipeline"
+    if pipe_dir.exists():
+        shutil.rmtree(pipe_dir)
+    export_teacher_pipeline(unet, algo.scheduler, spec.num_classes, pipe_dir)
+    save_config(cfg, output / "config.yaml")
+    return pipe_dir
+
+
+# ---------------------------------------------------------------------------------------------
+# distillation
+
+
+def run_distillation(cfg: RunConfig, export: bool = True) -> dict:
+    """Build teacher + algorithm from ``cfg``, train under the generic loop, export the student."""
+    from .algorithms import build
+    from .data.sources import build_source
+    from .training import train
+
+    teacher = build_teacher(cfg.teacher)
+    distiller = build(cfg.algorithm.name, teacher, cfg.algorithm.params)
+    source = build_source(cfg.train, teacher, needs_data=distiller.needs_data)
+    gen = distiller.generator_for_export()
+    n = cfg.train.num_sample_images
+
+    def sample_fn(step: int):
+        g = torch.Generator().manual_seed(cfg.train.seed)
+        raw = teacher.random_raw_conditions(n, g)
+        if raw is not None and getattr(teacher, "num_classes", None):
+            raw = torch.arange(n) % teacher.num_classes
+        cond = teacher.encode_conditions(raw) if raw is not None else None
+        z = torch.randn((n, *gen.sample_shape), generator=g)
+        was = gen.training
+        gen.eval()
+        with torch.no_grad():
+            x0 = gen(z, cond, generator=g)
+            img = teacher.decode(x0)
+        gen.train(was)
+        return img.clamp(-1, 1) if img.ndim == 4 else None
+
+    result = train(distiller, source, cfg.train, sample_fn=sample_fn, run_config=to_dict(cfg))
+    result = dict(result) if isinstance(result, dict) else {"result": result}
+    if export and hasattr(teacher, "model"):
+        from .export import export_generator
+
+        out = Path(cfg.train.output_dir) / "pipeline"
+        export_generator(
+            gen,
+            teacher,
+            out,
+            algorithm=distiller.name,
+            paper=distiller.paper,
+            extra={"config": to_dict(cfg)},
+            use_ema_state=result.get("ema"),
+            overwrite=True,
+        )
+        result["pipeline"] = str(out)
+    result["distiller"] = distiller
+    return result
