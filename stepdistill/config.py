@@ -222,7 +222,12 @@ def _configs_root() -> Path:
 
 def list_presets() -> list[str]:
     root = _configs_root()
-    return sorted(str(p.relative_to(root).with_suffix("")) for p in root.rglob("*.yaml"))
+    # configs/accelerate/ holds `accelerate launch --config_file` files, not run presets
+    return sorted(
+        str(p.relative_to(root).with_suffix(""))
+        for p in root.rglob("*.yaml")
+        if p.relative_to(root).parts[0] != "accelerate"
+    )
 
 
 def preset_path(name: str) -> Path:

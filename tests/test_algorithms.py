@@ -1,0 +1,246 @@
+"""Contract and maths tests for the distillation algorithms (registry-parametrised)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from stepdistill.algorithms import REGISTRY, build
+from stepdistill.algorithms.base import Distiller
+from stepdistill.algorithms.common import GeneratorTimestepError, make_generator
+from stepdistill.teachers.analytic import GaussianMixtureTeacher
+
+# cheap settings so every algorithm builds in a second on the analytic teacher
+FAST = {
+    "dmd2": {"update_ratio": 2},
+    "vsd": {"critic": "full"},
+}
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    t = GaussianMixtureTeacher.ring(8, std=0.05)
+    t.trainable_copy(fit_steps=200)  # warm the fitted-copy cache used below
+    return t
+
+
+def _build(name, teacher, **extra):
+    params = dict(FAST.get(name, {}))
+    params.update(extra)
+    d = build(name, teacher, params)
+    # use the cheaper fitted copies: rebuild networks from the 200-step fit
+    return d
+
+
+@pytest.fixture(autouse=True)
+def _fast_copies(monkeypatch):
+    orig = GaussianMixtureTeacher.trainable_copy
+
+    def fast(self, hidden=128, fit_steps=200, seed=0):
+        return orig(self, hidden=hidden, fit_steps=200, seed=seed)
+
+    monkeypatch.setattr(GaussianMixtureTeacher, "trainable_copy", fast)
+
+
+def _batch(teacher, n=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {"raw_cond": teacher.random_raw_conditions(n, g), "real": teacher.sample_data(n, g), "batch_size": n}
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_registry_entries_declare_interface(name):
+    cls = REGISTRY[name]
+    assert issubclass(cls, Distiller)
+    assert cls.name == name and cls.paper and cls.Config is not None
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_phase_updates_exactly_its_group(name, teacher):
+    torch.manual_seed(0)
+    d = _build(name, teacher)
+    groups = d.trainable()
+    teacher_params = list(teacher.parameters())
+    for step in range(3):
+        cache: dict = {}
+        for group in d.phase(step):
+            for m in groups.values():
+                m.zero_grad(set_to_none=True)
+            out = d.loss(_batch(teacher, seed=step), step, group, cache)
+            assert torch.isfinite(out.loss), (name, group, out.loss)
+            assert all(isinstance(v, float) for v in out.logs.values())
+            out.loss.backward()
+            own = [p for p in groups[group].parameters() if p.requires_grad]
+            assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in own), f"{group} got no gradient"
+            others = [p for g, m in groups.items() if g != group for p in m.parameters()]
+            # other groups may receive gradients through the graph (e.g. the GAN loss through the
+            # critic), but never through parameters shared with this group
+            assert not set(map(id, own)) & set(map(id, others))
+            assert all(p.grad is None for p in teacher_params)
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_trainable_groups_exclude_teacher(name, teacher):
+    d = _build(name, teacher)
+    teacher_ids = {id(p) for p in teacher.parameters()}
+    for m in d.trainable().values():
+        assert not teacher_ids & {id(p) for p in m.parameters()}
+    assert all(not p.requires_grad for p in d.teacher.parameters())
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_loss_is_deterministic_under_seed(name, teacher):
+    d = _build(name, teacher)
+    vals = []
+    for _ in range(2):
+        torch.manual_seed(123)
+        out = d.loss(_batch(teacher), 0, d.phase(0)[0], {})
+        vals.append(float(out.loss))
+    assert vals[0] == vals[1]
+
+
+def test_surrogate_gradient_is_intended_per_pixel_gradient():
+    x = torch.randn(4, 3, 5, 5, requires_grad=True)
+    g = torch.randn(4, 3, 5, 5)
+    Distiller.surrogate_loss(x, g).backward()
+    torch.testing.assert_close(x.grad, g / x.numel())
+
+
+class _Exact(torch.nn.Module):
+    """A 'critic' that is exactly the teacher."""
+
+    def __init__(self, teacher):
+        super().__init__()
+        self.t = teacher
+
+    def denoise(self, *a, **k):
+        return self.t.denoise(*a, **k)
+
+
+def test_dmd_gradient_vanishes_when_critic_equals_teacher(teacher):
+    d = _build("dmd2", teacher)
+    d.critic = _Exact(teacher)
+    torch.manual_seed(0)
+    cache: dict = {}
+    d.generator.zero_grad(set_to_none=True)
+    out = d.loss(_batch(teacher), 0, "generator", cache)
+    out.loss.backward()
+    assert float(out.loss) == 0.0
+    assert all(p.grad is None or p.grad.abs().max() == 0 for p in d.generator.parameters())
+
+
+def test_vsd_gradient_vanishes_when_critic_equals_teacher(teacher):
+    d = _build("vsd", teacher, critic_guidance_scale=1.0, guidance_scale=1.0)
+    d.critic = _Exact(teacher)
+    torch.manual_seed(0)
+    out = d.loss(_batch(teacher), 0, "generator", {})
+    assert float(out.loss) == 0.0
+
+
+def test_dmd_gradient_is_normalised_score_difference(teacher, monkeypatch):
+    """g = (x_fake - x_real) / mean|x - x_real|, injected with the 0.5*mean surrogate."""
+    d = _build("dmd2", teacher)
+    captured = {}
+    orig = Distiller.surrogate_loss
+
+    def spy(x, grad):
+        captured["x"], captured["g"] = x.detach().clone(), grad.clone()
+        return orig(x, grad)
+
+    monkeypatch.setattr(Distiller, "surrogate_loss", staticmethod(spy))
+    torch.manual_seed(5)
+    d.loss(_batch(teacher), 0, "generator", {})
+    # recompute with the same noise draws
+    torch.manual_seed(5)
+    batch = _batch(teacher)
+    cond = teacher.encode_conditions(batch["raw_cond"])
+    z = torch.randn((32, 2))
+    with torch.no_grad():
+        x = d.generator(z, cond)
+        idx = torch.randint(d.min_step, d.max_step + 1, (32,))
+        sigma = teacher.sigmas[idx]
+        xt = x + sigma[:, None] * torch.randn_like(x)
+        real = teacher.denoise(xt, sigma, cond)
+        fake = d.critic.denoise(xt, sigma, cond, guidance_scale=1.0)
+        g = (fake - real) / (x - real).abs().mean(1, keepdim=True)
+    torch.testing.assert_close(captured["x"], x)
+    torch.testing.assert_close(captured["g"], g, rtol=1e-4, atol=1e-6)
+
+
+def test_vsd_weighting_equals_swiftbrush_eps_form():
+    """sigma/(1+sigma^2) (x0_L - x0_T) == (1 - abar)(eps_T - eps_L) for VP teachers."""
+    sigma = torch.tensor([0.1, 1.0, 7.0])
+    abar = 1 / (1 + sigma**2)
+    x_t = torch.randn(3, 4)
+    x0_t, x0_l = torch.randn(3, 4), torch.randn(3, 4)
+    eps = lambda x0: (x_t - x0) / sigma[:, None]  # noqa: E731  (VE form; same eps as VP)
+    lhs = (sigma / (1 + sigma**2))[:, None] * (x0_l - x0_t)
+    rhs = (1 - abar)[:, None] * (eps(x0_t) - eps(x0_l)) * (1 + sigma**2).sqrt()[:, None] * abar.sqrt()[:, None]
+    # the factor sqrt(abar)*sqrt(1+sigma^2) == 1: VP and VE eps agree
+    torch.testing.assert_close(lhs, rhs)
+
+
+def test_dmd2_ttur_phases(teacher):
+    d = _build("dmd2", teacher, update_ratio=5, critic_warmup_steps=3)
+    phases = [d.phase(s) for s in range(14)]
+    assert phases[:3] == [["critic"]] * 3
+    assert phases[3] == ["generator", "critic"]
+    assert phases[4:8] == [["critic"]] * 4
+    assert phases[8] == ["generator", "critic"]
+
+
+def test_dmd2_regression_stage_then_dmd(teacher):
+    d = _build("dmd2", teacher, regression_steps=2, regression_pairs=64, regression_sampler_steps=4)
+    assert d.pairs["noise"].shape == (64, 2) and d.pairs["x0"].shape == (64, 2)
+    assert d.phase(0) == ["generator"] and d.phase(1) == ["generator"]
+    out = d.loss(_batch(teacher), 0, "generator", {})
+    assert "regression" in out.logs
+    assert "dm" in d.loss(_batch(teacher), 2, "generator", {}).logs
+
+
+def test_dmd2_multistep_backward_simulation(teacher):
+    d = _build("dmd2", teacher, generator_timesteps=[999, 749, 499, 249])
+    assert d.generator.num_steps == 4
+    out = d.loss(_batch(teacher), 7, "generator", {})
+    assert torch.isfinite(out.loss)
+
+
+def test_dmd2_gan_head_on_bottleneck(teacher):
+    d = _build("dmd2", teacher, gan_weight_g=0.01)
+    assert "gan_head" in d.critic_group
+    out_c = d.loss(_batch(teacher), 1, "critic", {})
+    assert {"gan_d", "d_real", "d_fake"} <= set(out_c.logs)
+    out_g = d.loss(_batch(teacher), 0, "generator", {})
+    assert "gan_g" in out_g.logs
+
+
+def test_gan_needs_real_data(teacher):
+    d = _build("dmd2", teacher, gan_weight_g=0.01)
+    batch = _batch(teacher)
+    batch["real"] = None
+    with pytest.raises(ValueError, match="real data"):
+        d.loss(batch, 1, "critic", {})
+
+
+def test_epsilon_teacher_rejects_ill_posed_generator_timestep():
+    from diffusers import DDPMScheduler
+
+    from stepdistill.teachers.diffusion import DiffusersTeacher
+    from stepdistill.teachers.training import UNetSpec, build_unet
+
+    unet = build_unet(UNetSpec(block_out_channels=[8, 16], norm_num_groups=4))
+    cfg = dict(DDPMScheduler(beta_schedule="squaredcos_cap_v2", prediction_type="epsilon").config)
+    t = DiffusersTeacher(unet, cfg, num_classes=10)
+    with pytest.raises(GeneratorTimestepError, match="alpha_bar"):
+        make_generator(t, [999])
+    assert make_generator(t, [899]).timesteps == [899]
+    cfg["prediction_type"] = "v_prediction"
+    assert make_generator(DiffusersTeacher(unet, cfg, num_classes=10), [999]).timesteps == [999]
+
+
+def test_unknown_algorithm_param_is_rejected(teacher):
+    from stepdistill.config import ConfigError
+
+    with pytest.raises(ConfigError, match="update_ratoi"):
+        build("dmd2", teacher, {"update_ratoi": 3})
+    with pytest.raises(ConfigError, match="unknown algorithm"):
+        build("nope", teacher, {})
