@@ -228,6 +228,9 @@ class MLPDenoiser(DiffusionTeacher):
             with torch.no_grad():
                 sigma_data = float(like.sample_data(4096, torch.Generator().manual_seed(0)).std())
         self.sigma_data = sigma_data
+        #: "edm": D = c_skip x + c_out F (Karras et al.);  "sample": D = sigma_data * F (signal
+        #: prediction, used by BOOT's student which reads pure noise at every t)
+        self.prediction_type = "edm"
         self.class_emb = nn.Embedding(like.num_classes + 1, hidden)
         self.noise_emb = nn.Sequential(nn.Linear(16, hidden), nn.SiLU())
         self.inp = nn.Linear(dim, hidden)
@@ -259,7 +262,16 @@ class MLPDenoiser(DiffusionTeacher):
         labels = cond["class_labels"] if cond and "class_labels" in cond else self.null_condition(b)["class_labels"]
         h = self.inp(x.reshape(b, -1) * c_in[:, None]) + self.noise_emb(self._fourier(c_noise)) + self.class_emb(labels)
         f = self.body(h).reshape(x.shape)
+        if self.prediction_type == "sample":
+            return sd * f
         return append_dims(c_skip, x.ndim) * x + append_dims(c_out, x.ndim) * f
+
+    def noise_to_input(self, z: Tensor, sigma) -> Tensor:
+        """Unit noise as the network's native input: ``c_in x = z``, i.e. ``x = z sqrt(sigma^2 + sigma_data^2)``."""
+        sigma = torch.as_tensor(sigma, device=z.device, dtype=z.dtype)
+        if sigma.ndim == 0:
+            sigma = sigma.expand(z.shape[0])
+        return z * append_dims((sigma**2 + self.sigma_data**2).sqrt(), z.ndim)
 
     def fit_to(self, teacher: DiffusionTeacher, steps: int = 1500, batch: int = 256, seed: int = 0, lr: float = 2e-3):
         """Regress onto the teacher's denoiser at data-noised points (EDM loss weighting)."""
