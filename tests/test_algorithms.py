@@ -319,3 +319,92 @@ def test_boot_student_at_query_timestep_is_exported_generator(teacher):
         a = d.student(eps, torch.full((5,), d.config.query_timestep), cond)
         b = d.generator_for_export()(eps, cond)
     torch.testing.assert_close(a, b)
+
+
+# ---------------------------------------------------------------------------------------------
+# DisBack
+
+
+def _run_steps(d, teacher, steps, start=0):
+    opts = {k: torch.optim.Adam([p for p in m.parameters() if p.requires_grad], lr=1e-3)
+            for k, m in d.trainable().items()}
+    for step in range(start, start + steps):
+        cache: dict = {}
+        for group in d.phase(step):
+            out = d.loss(_batch(teacher, n=16, seed=step), step, group, cache)
+            out.loss.backward()
+            opts[group].step()
+            for o in opts.values():
+                o.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("base", ["dmd2", "vsd"])
+def test_disback_records_nodes_and_backtracks(teacher, tmp_path, base):
+    from safetensors.torch import load_file
+
+    from stepdistill.algorithms.disback import DisBack
+
+    params = {"base": base, "base_params": FAST[base], "recording_steps": 4, "num_nodes": 2,
+              "switch_every_steps": 3, "nodes_dir": str(tmp_path)}
+    d = build("disback", teacher, params)
+    assert isinstance(d, DisBack) and type(d.base) is REGISTRY[base]  # composition, not a fork
+    assert d.base.teacher is d.target  # the base method's "real" score is the swappable target
+    gen0 = {k: v.clone() for k, v in d.generator_for_export().state_dict().items()}
+    _run_steps(d, teacher, 4)  # recording: generator frozen, critic trained
+    for k, v in d.generator_for_export().state_dict().items():
+        torch.testing.assert_close(v, gen0[k])
+    assert d.node_files == ["node-001.safetensors"]
+    # entering backtracking records the final node = the critic fitted to the initial generator
+    d.phase(4)
+    assert d.node_files == ["node-001.safetensors", "node-002.safetensors"]
+    last = load_file(str(tmp_path / "node-002.safetensors"))
+    for k, v in d.base.critic.state_dict().items():
+        torch.testing.assert_close(last[k], v)
+    assert d.path() == ["node-002.safetensors", "node-001.safetensors", None]  # degraded ... teacher
+    assert d.targets() == ["node-001.safetensors", None]
+    # target at steps 4..6 is node 1 (loaded into the target network), from step 7 the teacher
+    assert d.current == 0 and not d.target.use_teacher
+    node1 = load_file(str(tmp_path / "node-001.safetensors"))
+    for k, v in d.target.node_net.state_dict().items():
+        torch.testing.assert_close(v, node1[k])
+    for step in (5, 6):
+        d.phase(step)
+        assert d.current == 0
+    d.phase(7)
+    assert d.current == 1 and d.target.use_teacher
+    x = torch.randn(4, 2)
+    sigma = teacher.sigmas[500].expand(4)
+    torch.testing.assert_close(d.target.denoise(x, sigma), teacher.denoise(x, sigma))
+    assert d.switch_log == [4, 7]
+
+
+def test_disback_resume_restores_nodes_and_target(teacher, tmp_path):
+    params = {"base": "dmd2", "base_params": FAST["dmd2"], "recording_steps": 2, "num_nodes": 2,
+              "switch_every_steps": 50, "nodes_dir": str(tmp_path)}
+    d = build("disback", teacher, params)
+    _run_steps(d, teacher, 3)
+    state = d.state_dict_extra()
+    assert state["current"] == 0 and len(state["node_files"]) == 2
+    d2 = build("disback", teacher, params)
+    d2.load_state_dict_extra(state)
+    assert d2.current == 0 and d2.node_files == d.node_files and not d2.target.use_teacher
+    for a, b in zip(d.target.node_net.state_dict().values(), d2.target.node_net.state_dict().values()):
+        torch.testing.assert_close(a, b)
+
+
+def test_disback_uses_base_generator_loss(teacher, tmp_path, monkeypatch):
+    from stepdistill.algorithms.dmd2 import DMD2
+
+    calls = []
+    orig = DMD2._generator_loss
+
+    def spy(self, *a, **k):
+        calls.append(1)
+        return orig(self, *a, **k)
+
+    monkeypatch.setattr(DMD2, "_generator_loss", spy)
+    params = {"base": "dmd2", "base_params": FAST["dmd2"], "recording_steps": 1, "num_nodes": 1,
+              "switch_every_steps": 5, "nodes_dir": str(tmp_path)}
+    d = build("disback", teacher, params)
+    _run_steps(d, teacher, 2)
+    assert calls, "DisBack must train the generator through the base algorithm's own loss"

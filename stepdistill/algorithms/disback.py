@@ -1,0 +1,271 @@
+"""DisBack: Distribution Backtracking (Zhang et al., ICLR 2025, arXiv 2408.15991), as a composition
+over a score-distillation algorithm (DMD2 or VSD).  Spec: shared/docs/research/algos_dmd2_vsd_disback.md
+§5.2 (the algorithm), not the released SDXL code (§5.3 lists why).
+
+Stage 1, degradation recording: with the initial generator frozen, the base method's *critic* is
+trained on the generator's samples by the base method's own critic loss (the same code path); its
+score-network weights are snapshotted every ``recording_steps / num_nodes`` steps.  The path is
+``[teacher, s_1, ..., s_N]`` (s_N fitted to the initial generator).
+
+Stage 2, distribution backtracking: the base method trains the generator with the "real" score
+replaced by the path nodes in reverse order, ``s_{N-1}, ..., s_1, teacher`` (the critic starts at
+s_N, where it already is), switching every ``switch_every_steps`` generator-stage steps, or
+earlier when the optional convergence criterion fires.  After the last switch the target is the
+real teacher, so the end of training is the base method unchanged.
+
+Nodes are stored as safetensors files (score-network weights only; their size is logged) in
+``nodes_dir`` and re-read on resume, so an interrupted recording or backtracking stage continues.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..teachers.base import Cond, DiffusionTeacher
+from . import REGISTRY, register
+from .base import Distiller, LossOutput
+
+
+@dataclass
+class DisBackConfig:
+    base: str = "dmd2"  # the score-distillation method being wrapped: dmd2 | vsd
+    base_params: dict = field(default_factory=dict)  # its own Config fields
+    recording_steps: int = 400  # stage 1 length (critic-only updates, generator frozen)
+    num_nodes: int = 4  # degradation checkpoints recorded (N); the path has N + 1 entries with the teacher
+    switch_every_steps: int = 200  # stage 2: steps per target node (fixed schedule)
+    switch_on_convergence: bool = False  # also switch when the generator gradient has settled
+    convergence_window: int = 50  # steps per window of the convergence criterion
+    convergence_tol: float = 0.05  # switch when |mean(window) / mean(previous window) - 1| < tol
+    nodes_dir: str | None = None  # where node weights go; None = <train.output_dir>/disback_nodes
+
+
+class NodeTarget(DiffusionTeacher):
+    """The teacher with its denoiser swapped for a path node (everything else delegates)."""
+
+    def __init__(self, teacher: DiffusionTeacher, node_net: nn.Module):
+        super().__init__()
+        self.teacher = teacher
+        self.node_net = node_net
+        self.use_teacher = True
+        self.sigmas = teacher.sigmas
+        self.sample_shape = teacher.sample_shape
+        self.guidance_scale = teacher.guidance_scale
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.__dict__["_modules"]["teacher"], name)
+
+    def null_condition(self, batch_size: int) -> Cond | None:
+        return self.teacher.null_condition(batch_size)
+
+    def encode_conditions(self, raw):
+        return self.teacher.encode_conditions(raw)
+
+    def random_raw_conditions(self, n, generator=None):
+        return self.teacher.random_raw_conditions(n, generator)
+
+    def noise_to_input(self, z, sigma):
+        return self.teacher.noise_to_input(z, sigma)
+
+    def timestep_value(self, index):
+        return self.teacher.timestep_value(index)
+
+    def decode(self, x0):
+        return self.teacher.decode(x0)
+
+    def denoise_raw(self, x, sigma, cond):
+        if self.use_teacher:
+            return self.teacher.denoise_raw(x, sigma, cond)
+        return self.node_net.denoise_raw(x, sigma, cond)
+
+
+@register
+class DisBack(Distiller):
+    name = "disback"
+    paper = "Zhang et al., Distribution Backtracking Builds a Faster Convergence Trajectory for Diffusion Distillation, ICLR 2025"
+    Config = DisBackConfig
+
+    def __init__(self, teacher: DiffusionTeacher, config: DisBackConfig):
+        super().__init__(teacher, config)
+        c = config
+        if c.base not in ("dmd2", "vsd"):
+            raise ValueError(f"algorithm.params.base must be dmd2 or vsd, got {c.base!r}")
+        if c.num_nodes < 1 or c.recording_steps < c.num_nodes:
+            raise ValueError("need num_nodes >= 1 and recording_steps >= num_nodes")
+        if c.switch_every_steps < 1:
+            raise ValueError("algorithm.params.switch_every_steps must be >= 1")
+        from ..config import from_dict
+
+        base_cls = REGISTRY[c.base]
+        self.base = base_cls(teacher, from_dict(base_cls.Config, c.base_params, prefix="algorithm.params.base_params."))
+        self.name = f"disback-{c.base}"
+        node_net = teacher.trainable_copy()
+        node_net.requires_grad_(False)
+        node_net.eval()
+        self.target = NodeTarget(teacher, node_net)
+        self.base.teacher = self.target  # composition: the base method sees the node as its "real" score
+        self.interval = c.recording_steps // c.num_nodes
+        self.regression_steps = int(getattr(self.base.config, "regression_steps", 0))
+        self.nodes_dir = Path(c.nodes_dir) if c.nodes_dir else None
+        self.node_files: list[str] = []  # recorded nodes, oldest (closest to the teacher) first
+        self.current = -1  # index into targets(); -1 = not started
+        self.switch_log: list[int] = []  # steps at which the target switched
+        self._window: list[float] = []
+        self._prev_window: float | None = None
+        self._node_step0 = 0
+
+    # -- bookkeeping ----------------------------------------------------------------------------
+    def set_output_dir(self, output_dir: str | Path) -> None:
+        if self.nodes_dir is None:
+            self.nodes_dir = Path(output_dir) / "disback_nodes"
+
+    def _score_net(self) -> nn.Module:
+        return self.base.critic
+
+    def targets(self) -> list[str | None]:
+        """Backtracking targets in order: nodes N-1 .. 1, then the teacher (None)."""
+        return list(reversed(self.node_files[:-1])) + [None]
+
+    def path(self) -> list[str | None]:
+        """The recorded path reversed: [s_N (fitted degraded model), ..., s_1, teacher (None)]."""
+        return list(reversed(self.node_files)) + [None]
+
+    def stage(self, step: int) -> str:
+        if step < self.regression_steps:
+            return "regression"
+        if step < self.regression_steps + self.config.recording_steps:
+            return "recording"
+        return "backtracking"
+
+    def trainable(self) -> dict[str, nn.Module]:
+        return self.base.trainable()
+
+    def lr_defaults(self) -> dict[str, float]:
+        return self.base.lr_defaults()
+
+    def lr_scale(self, step: int, group: str) -> float:
+        fn = getattr(self.base, "lr_scale", None)
+        return fn(self._base_step(step), group) if fn else 1.0
+
+    def _base_step(self, step: int) -> int:
+        return step - self.config.recording_steps if self.stage(step) == "backtracking" else step
+
+    def generator_for_export(self):
+        return self.base.generator_for_export()
+
+    # -- nodes on disk ----------------------------------------------------------------------------
+    def _save_node(self, index: int) -> None:
+        from safetensors.torch import save_file
+
+        if self.nodes_dir is None:
+            raise ValueError("DisBack needs a nodes_dir (set algorithm.params.nodes_dir or train.output_dir)")
+        self.nodes_dir.mkdir(parents=True, exist_ok=True)
+        name = f"node-{index:03d}.safetensors"
+        state = {k: v.detach().cpu().contiguous().clone() for k, v in self._score_net().state_dict().items()}
+        tmp = self.nodes_dir / f".{name}.tmp-{os.getpid()}"
+        save_file(state, str(tmp))
+        os.replace(tmp, self.nodes_dir / name)
+        if name not in self.node_files:
+            self.node_files.append(name)
+
+    def node_size_bytes(self) -> int:
+        return sum((self.nodes_dir / f).stat().st_size for f in self.node_files) if self.nodes_dir else 0
+
+    def _load_target(self, name: str | None) -> None:
+        from safetensors.torch import load_file
+
+        if name is None:
+            self.target.use_teacher = True
+            return
+        path = self.nodes_dir / name
+        if not path.exists():
+            raise FileNotFoundError(f"DisBack node {path} is missing; the recording stage must be re-run")
+        self.target.node_net.load_state_dict(load_file(str(path)))
+        self.target.use_teacher = False
+
+    def _advance_to(self, index: int, step: int) -> None:
+        targets = self.targets()
+        index = min(index, len(targets) - 1)
+        if index != self.current:
+            self._load_target(targets[index])
+            self.current = index
+            self._node_step0 = step
+            self._window, self._prev_window = [], None
+            self.switch_log.append(step)
+
+    # -- the schedule -----------------------------------------------------------------------------
+    def phase(self, step: int) -> list[str]:
+        """Groups for ``step``; also records nodes and switches targets (the trainer calls this
+        exactly once per step, before the losses)."""
+        stage = self.stage(step)
+        if stage == "regression":
+            self.target.use_teacher = True
+            return self.base.phase(step)
+        if stage == "recording":
+            self.target.use_teacher = True
+            r = step - self.regression_steps  # critic updates done so far in this stage
+            if r > 0 and r % self.interval == 0 and len(self.node_files) < min(r // self.interval, self.config.num_nodes):
+                self._save_node(len(self.node_files) + 1)
+            return ["critic"]
+        if len(self.node_files) < self.config.num_nodes:  # final node: critic after the whole stage
+            self._save_node(len(self.node_files) + 1)
+        if self.current < 0:
+            self._advance_to(0, step)
+        elif step - self._node_step0 >= self.config.switch_every_steps:
+            self._advance_to(self.current + 1, step)
+        return self.base.phase(self._base_step(step))
+
+    def loss(self, batch: dict, step: int, group: str, cache: dict) -> LossOutput:
+        stage = self.stage(step)
+        out = self.base.loss(batch, self._base_step(step), group, cache)
+        out.logs["disback_target"] = float(self.current if stage == "backtracking" else -1)
+        if stage == "backtracking" and group == "generator" and self.config.switch_on_convergence:
+            key = "dm_grad_norm" if "dm_grad_norm" in out.logs else "vsd_grad_norm"
+            self._convergence_check(out.logs.get(key), step)
+        return out
+
+    def _convergence_check(self, value, step):
+        if value is None:
+            return
+        c = self.config
+        self._window.append(float(value))
+        if len(self._window) >= c.convergence_window:
+            mean = sum(self._window) / len(self._window)
+            if self._prev_window is not None and abs(mean / max(self._prev_window, 1e-12) - 1) < c.convergence_tol:
+                self._advance_to(self.current + 1, step + 1)
+            else:
+                self._prev_window = mean
+            self._window = []
+
+    # -- resume -----------------------------------------------------------------------------------
+    def state_dict_extra(self) -> dict:
+        return {
+            "node_files": self.node_files,
+            "current": self.current,
+            "node_step0": self._node_step0,
+            "switch_log": self.switch_log,
+            "nodes_dir": str(self.nodes_dir) if self.nodes_dir else None,
+        }
+
+    def load_state_dict_extra(self, state: dict) -> None:
+        self.node_files = list(state.get("node_files", []))
+        if state.get("nodes_dir") and self.nodes_dir is None:
+            self.nodes_dir = Path(state["nodes_dir"])
+        self._node_step0 = int(state.get("node_step0", 0))
+        self.switch_log = list(state.get("switch_log", []))
+        cur = int(state.get("current", -1))
+        self.current = -1
+        if cur >= 0:
+            self._load_target(self.targets()[cur])
+            self.current = cur
+
+    def describe(self) -> str:
+        return json.dumps(self.state_dict_extra())
