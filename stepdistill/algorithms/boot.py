@@ -126,8 +126,6 @@ class BOOT(Distiller):
 
 
 def _n(batch: dict) -> int:
-    for key in ("raw_cond", "real"):
-        v = batch.get(key)
-        if v is not None:
-            return len(v)
-    return int(batch["batch_size"])
+    from .dmd2 import _batch_size
+
+    return _batch_size(batch)

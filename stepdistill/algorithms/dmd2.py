@@ -223,7 +223,8 @@ class DMD2(Distiller):
             encode = getattr(self.teacher, "encode", None)
             if encode is not None:
                 real = encode(real)
-            real_cond = self.teacher.encode_conditions(batch["raw_cond"]) if batch.get("raw_cond") is not None else cond
+            real_raw = batch.get("real_raw_cond", batch.get("raw_cond"))  # labels of the real images
+            real_cond = self.teacher.encode_conditions(real_raw) if real_raw is not None else cond
             top = frac_to_index(self.teacher, c.gan_max_step_frac)
             head = self.critic_group["gan_head"]
             i_f = sample_timestep_indices(n, 0, top, device=x.device)
@@ -238,14 +239,14 @@ class DMD2(Distiller):
 
 
 def _batch_size(batch: dict) -> int:
-    for key in ("real", "raw_cond"):
+    """Generator batch size: explicit ``batch_size``, else the conditions', else the data's."""
+    if batch.get("batch_size") is not None:
+        return int(batch["batch_size"])
+    for key in ("raw_cond", "real"):
         v = batch.get(key)
         if v is not None:
             return len(v)
-    n = batch.get("batch_size")
-    if n is None:
-        raise ValueError("batch carries neither data, conditions nor a batch_size")
-    return int(n)
+    raise ValueError("batch carries neither a batch_size, conditions nor data")
 
 
 __all__ = ["DMD2", "DMD2Config", "cond_index"]

@@ -166,11 +166,9 @@ def _where_cond(mask, a: dict, b: dict) -> dict:
 
 
 def _n(batch: dict) -> int:
-    for key in ("real", "raw_cond"):
-        v = batch.get(key)
-        if v is not None:
-            return len(v)
-    return int(batch["batch_size"])
+    from .dmd2 import _batch_size
+
+    return _batch_size(batch)
 
 
 __all__ = ["VSD", "VSDConfig", "add_lora", "cond_index"]

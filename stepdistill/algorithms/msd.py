@@ -1,0 +1,336 @@
+"""MSD: Multi-Student Distillation (Song et al., ICML 2025, arXiv 2410.23274).
+Spec: shared/docs/research/algos_boot_dd_msd.md §3.
+
+The condition space is split into K disjoint groups; student k is a one-step generator trained
+by a base algorithm (DMD2) only on its group's conditions (distribution-matching and fake-score
+losses see only V_k; real data for the GAN is filtered to V_k), while the regression pairs are
+shared and *not* filtered (the paper: filtering them causes mode collapse).  Smaller students
+(``width_multiplier < 1``) are first pretrained by Teacher Score Matching (TSM): the small network
+regresses the teacher's denoiser on noised inputs; the result initialises both the generator and
+the fake score.  All students train in one run (``schedule``: round-robin, one student per step,
+or concurrent, every student every step) under the generic loop; groups are named
+``s<k>.generator`` / ``s<k>.critic``.
+
+Routing (``partition``): contiguous class ranges, k-means over condition embeddings (balanced by
+size), or a user-given mapping; stored in the exported config.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..teachers.base import DiffusionTeacher, append_dims
+from . import REGISTRY, register
+from .base import Distiller, LossOutput
+from .common import denoising_weight, teacher_pairs
+
+
+# ---------------------------------------------------------------------------------------------
+# partitions
+
+
+def contiguous_partition(num_classes: int, k: int) -> list[int]:
+    """class -> student for K contiguous, (nearly) equal class ranges."""
+    if not 1 <= k <= num_classes:
+        raise ValueError(f"need 1 <= num_students <= num_classes ({num_classes}), got {k}")
+    return [min(c * k // num_classes, k - 1) for c in range(num_classes)]
+
+
+def kmeans_partition(embeddings: torch.Tensor, k: int, iters: int = 50, seed: int = 0) -> list[int]:
+    """Balanced k-means over per-condition embeddings (equal-size groups, as the paper asks).
+
+    Plain k-means gave very uneven clusters in the paper; here each step assigns points to centres
+    greedily by distance under a capacity of ceil(n / k) per centre."""
+    n = embeddings.shape[0]
+    if not 1 <= k <= n:
+        raise ValueError(f"need 1 <= num_students <= number of conditions ({n}), got {k}")
+    g = torch.Generator().manual_seed(seed)
+    x = embeddings.reshape(n, -1).float()
+    centres = x[torch.randperm(n, generator=g)[:k]].clone()
+    cap = -(-n // k)
+    assign = torch.zeros(n, dtype=torch.long)
+    for _ in range(iters):
+        d = torch.cdist(x, centres)
+        order = d.flatten().argsort()
+        assign = torch.full((n,), -1, dtype=torch.long)
+        counts = [0] * k
+        for flat in order.tolist():
+            i, j = divmod(flat, k)
+            if assign[i] < 0 and counts[j] < cap:
+                assign[i] = j
+                counts[j] += 1
+        new = torch.stack([x[assign == j].mean(0) if (assign == j).any() else centres[j] for j in range(k)])
+        if torch.allclose(new, centres):
+            break
+        centres = new
+    return assign.tolist()
+
+
+@dataclass
+class MSDConfig:
+    num_students: int = 4
+    partition: str = "contiguous"  # contiguous | kmeans | mapping
+    mapping: list = field(default_factory=list)  # class -> student, for partition=mapping
+    base: str = "dmd2"
+    base_params: dict = field(default_factory=dict)
+    schedule: str = "round_robin"  # round_robin | concurrent
+    width_multiplier: float = 1.0  # < 1: smaller students (channels scaled), TSM-pretrained
+    tsm_steps: int = 0  # teacher-score-matching steps per student (smaller students only)
+    tsm_lr: float = 2e-4
+    shared_regression_pairs: int = 0  # pairs shared by all students (not filtered); 0 = base's own setting
+
+
+class _StudentTeacher(DiffusionTeacher):
+    """The real teacher, except that ``trainable_copy`` hands out the (smaller) student network."""
+
+    def __init__(self, teacher: DiffusionTeacher, student_net: DiffusionTeacher):
+        super().__init__()
+        self.teacher = teacher
+        self.student_net = student_net
+        self.sigmas = teacher.sigmas
+        self.sample_shape = teacher.sample_shape
+        self.guidance_scale = teacher.guidance_scale
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.__dict__["_modules"]["teacher"], name)
+
+    def trainable_copy(self):
+        net = copy.deepcopy(self.student_net)
+        net.requires_grad_(True)
+        return net
+
+    def null_condition(self, n):
+        return self.teacher.null_condition(n)
+
+    def encode_conditions(self, raw):
+        return self.teacher.encode_conditions(raw)
+
+    def random_raw_conditions(self, n, generator=None):
+        return self.teacher.random_raw_conditions(n, generator)
+
+    def noise_to_input(self, z, sigma):
+        return self.teacher.noise_to_input(z, sigma)
+
+    def timestep_value(self, index):
+        return self.teacher.timestep_value(index)
+
+    def decode(self, x0):
+        return self.teacher.decode(x0)
+
+    def denoise_raw(self, x, sigma, cond):
+        return self.teacher.denoise_raw(x, sigma, cond)
+
+
+def smaller_copy(teacher: DiffusionTeacher, width: float) -> DiffusionTeacher:
+    """A freshly initialised student network with channel counts scaled by ``width``."""
+    if width == 1.0:
+        return teacher.trainable_copy()
+    model = getattr(teacher, "model", None)
+    if model is None:
+        from ..teachers.analytic import MLPDenoiser
+
+        like = teacher.trainable_copy()
+        hidden = max(8, int(like.inp.out_features * width))
+        net = MLPDenoiser(teacher if hasattr(teacher, "means") else like, hidden=hidden)
+        return net
+    cfg = dict(model.config)
+    if "block_out_channels" not in cfg:
+        raise ValueError(f"width_multiplier < 1 needs a UNet with block_out_channels, got {type(model).__name__}")
+    groups = cfg.get("norm_num_groups", 32) or 32
+    cfg["block_out_channels"] = [max(groups, int(round(c * width / groups)) * groups) for c in cfg["block_out_channels"]]
+    small = type(model).from_config(cfg)
+    new = teacher.trainable_copy()  # same adapter (schedule, conditions), then swap the network
+    new.model = small.float().train()
+    return new
+
+
+@register
+class MSD(Distiller):
+    name = "msd"
+    paper = "Song et al., Multi-Student Diffusion Distillation for Better One-Step Generators, ICML 2025"
+    Config = MSDConfig
+
+    def __init__(self, teacher: DiffusionTeacher, config: MSDConfig):
+        super().__init__(teacher, config)
+        c = config
+        num_classes = getattr(teacher, "num_classes", None)
+        if num_classes is None:
+            raise ValueError("MSD routes by class here: the teacher must be class-conditional "
+                             "(text prompts: use partition=kmeans over prompt embeddings via msd.kmeans_partition)")
+        if c.partition == "contiguous":
+            self.route = contiguous_partition(num_classes, c.num_students)
+        elif c.partition == "mapping":
+            if len(c.mapping) != num_classes or sorted(set(c.mapping)) != list(range(c.num_students)):
+                raise ValueError(f"algorithm.params.mapping must list a student in 0..{c.num_students - 1} "
+                                 f"for each of the {num_classes} classes, using every student")
+            self.route = [int(v) for v in c.mapping]
+        elif c.partition == "kmeans":
+            emb = self._class_embeddings(teacher, num_classes)
+            self.route = kmeans_partition(emb, c.num_students)
+        else:
+            raise ValueError(f"algorithm.params.partition must be contiguous | kmeans | mapping, got {c.partition!r}")
+        if c.schedule not in ("round_robin", "concurrent"):
+            raise ValueError("algorithm.params.schedule must be round_robin or concurrent")
+        from ..config import from_dict
+
+        base_cls = REGISTRY[c.base]
+        base_cfg = from_dict(base_cls.Config, c.base_params, prefix="algorithm.params.base_params.")
+        pairs = None
+        if getattr(base_cfg, "regression_steps", 0) > 0:
+            n_pairs = c.shared_regression_pairs or base_cfg.regression_pairs
+            pairs = teacher_pairs(teacher, n_pairs, base_cfg.regression_sampler_steps, base_cfg.regression_sampler,
+                                  guidance_scale=base_cfg.real_guidance_scale)
+            base_cfg.regression_pairs = 1  # each student gets the shared set below instead of its own
+        self.small = c.width_multiplier != 1.0
+        students = []
+        for _ in range(c.num_students):
+            src = teacher
+            if self.small:
+                src = _StudentTeacher(teacher, smaller_copy(teacher, c.width_multiplier))
+            s = base_cls(src, base_cfg)
+            if pairs is not None:
+                s.pairs = pairs  # shared, unfiltered (paper App. B.2)
+            if self.small:
+                s.teacher = teacher  # the real score is always the real teacher
+            students.append(s)
+        self.students = nn.ModuleList(students)
+        self.classes = [[y for y in range(num_classes) if self.route[y] == k] for k in range(c.num_students)]
+        self._tsm_done = [not self.small or c.tsm_steps == 0] * c.num_students
+
+    @staticmethod
+    def _class_embeddings(teacher, num_classes):
+        model = getattr(teacher, "model", None)
+        emb = getattr(model, "class_embedding", None) if model is not None else None
+        if emb is None:
+            emb = getattr(teacher, "means", None)
+            if emb is None:
+                raise ValueError("partition=kmeans needs class embeddings (UNet class_embedding or mixture means)")
+            return emb[:num_classes]
+        return emb.weight[:num_classes].detach()
+
+    # -- groups and schedule ------------------------------------------------------------------
+    def trainable(self) -> dict[str, nn.Module]:
+        out = {}
+        for k, s in enumerate(self.students):
+            for g, m in s.trainable().items():
+                out[f"s{k}.{g}"] = m
+        return out
+
+    def lr_defaults(self) -> dict[str, float]:
+        out = {}
+        for k, s in enumerate(self.students):
+            for g, v in s.lr_defaults().items():
+                out[f"s{k}.{g}"] = v
+        return out
+
+    def lr_scale(self, step: int, group: str) -> float:
+        k, g = self._split(group)
+        if self._in_tsm(step):
+            return self.config.tsm_lr / self.students[k].lr_defaults()[g]
+        fn = getattr(self.students[k], "lr_scale", None)
+        return fn(self._student_step(step), g) if fn else 1.0
+
+    def _split(self, group: str) -> tuple[int, str]:
+        head, g = group.split(".", 1)
+        return int(head[1:]), g
+
+    def _in_tsm(self, step: int) -> bool:
+        return self.small and step < self._tsm_total()
+
+    def _tsm_total(self) -> int:
+        per = self.config.tsm_steps
+        return per * (self.config.num_students if self.config.schedule == "round_robin" else 1)
+
+    def _active(self, step: int) -> list[int]:
+        s = step - (self._tsm_total() if self.small else 0)
+        if self.config.schedule == "concurrent":
+            return list(range(self.config.num_students))
+        return [s % self.config.num_students] if s >= 0 else [step % self.config.num_students]
+
+    def _student_step(self, step: int) -> int:
+        s = step - (self._tsm_total() if self.small else 0)
+        return s // self.config.num_students if self.config.schedule == "round_robin" else s
+
+    def phase(self, step: int) -> list[str]:
+        if self._in_tsm(step):
+            return [f"s{k}.generator" for k in self._active(step)]
+        if self.small and not all(self._tsm_done):
+            self._finish_tsm()
+        out = []
+        for k in self._active(step):
+            out += [f"s{k}.{g}" for g in self.students[k].phase(self._student_step(step))]
+        return out
+
+    def _finish_tsm(self) -> None:
+        """After TSM the fake score starts from the TSM network too (paper Fig. 3)."""
+        for k, s in enumerate(self.students):
+            s.critic.load_state_dict(s.generator.denoiser.state_dict())
+            self._tsm_done[k] = True
+
+    def generator_for_export(self):
+        return [s.generator_for_export() for s in self.students]
+
+    # -- data filtering ------------------------------------------------------------------------
+    def _slice_batch(self, batch: dict, k: int, n: int) -> dict:
+        """Conditions drawn uniformly from student k's classes; real data filtered to them."""
+        classes = torch.tensor(self.classes[k])
+        idx = torch.randint(0, len(classes), (n,))
+        out = {"raw_cond": classes[idx], "batch_size": n, "real": None}
+        real, labels = batch.get("real"), batch.get("raw_cond")
+        if real is not None and labels is not None:
+            keep = torch.isin(torch.as_tensor(labels), classes)
+            if keep.any():
+                out["real"] = real[keep]
+                out["real_raw_cond"] = torch.as_tensor(labels)[keep]
+        return out
+
+    def loss(self, batch: dict, step: int, group: str, cache: dict) -> LossOutput:
+        k, g = self._split(group)
+        n = _n(batch)
+        key = f"msd_batch{k}"
+        if key not in cache:
+            cache[key] = self._slice_batch(batch, k, n)
+            cache[f"msd_cache{k}"] = {}
+        sb = cache[key]
+        if self._in_tsm(step):
+            return self._tsm_loss(k, sb)
+        out = self.students[k].loss(sb, self._student_step(step), g, cache[f"msd_cache{k}"])
+        out.logs = {f"s{k}.{name}": v for name, v in out.logs.items()}
+        return out
+
+    def _tsm_loss(self, k: int, sb: dict) -> LossOutput:
+        """Teacher score matching: the small denoiser regresses the teacher's x0 on noised inputs."""
+        student = self.students[k].generator.denoiser
+        x0 = sb.get("real")
+        if x0 is None:
+            raise ValueError("MSD teacher-score-matching (width_multiplier < 1) noises real images: set train.dataset")
+        n = x0.shape[0]
+        cond = self.teacher.encode_conditions(sb["real_raw_cond"])
+        idx = torch.randint(0, self.teacher.num_train_timesteps, (n,))
+        sigma = self.teacher.sigmas[idx]
+        xt = self.teacher.add_noise(x0, sigma)
+        with torch.no_grad():
+            target = self.teacher.denoise(xt, sigma, cond, guidance_scale=1.0)
+        pred = student.denoise_raw(xt, sigma, cond)
+        w = denoising_weight(sigma, "edm")
+        loss = (append_dims(w, 1) * ((pred - target) ** 2).flatten(1).mean(1)).mean()
+        return LossOutput(loss, {f"s{k}.tsm": float(loss.detach())})
+
+    def state_dict_extra(self) -> dict:
+        return {"tsm_done": list(self._tsm_done), "route": self.route}
+
+    def load_state_dict_extra(self, state: dict) -> None:
+        self._tsm_done = list(state.get("tsm_done", self._tsm_done))
+
+
+def _n(batch: dict) -> int:
+    from .dmd2 import _batch_size
+
+    return _batch_size(batch)
