@@ -163,7 +163,7 @@ def run_distillation(cfg: RunConfig, export: bool = True) -> dict:
             x0 = gen(z, cond, generator=g)
             img = teacher.decode(x0)
         gen.train(was)
-        return img.clamp(-1, 1) if img.ndim == 4 else None
+        return img.clamp(-1, 1) if img.ndim == 4 else img  # 2-D toys: scatter plot
 
     result = train(distiller, source, cfg.train, sample_fn=sample_fn, run_config=to_dict(cfg))
     result = dict(result) if isinstance(result, dict) else {"result": result}

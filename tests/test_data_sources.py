@@ -87,7 +87,7 @@ def test_condition_source():
     torch.manual_seed(0)
     src.batch(0, 0, 1, 8)
     assert torch.equal(torch.rand(1), x)
-    assert ConditionSource(None).batch(0, 0, 1, 4) == {"real": None, "raw_cond": None}
+    assert ConditionSource(None).batch(0, 0, 1, 4) == {"real": None, "raw_cond": None, "batch_size": 4}
 
 
 def test_prompt_source(tmp_path):
