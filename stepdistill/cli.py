@@ -131,7 +131,10 @@ def _dispatch(parser, args) -> int:
         print(f"teacher pipeline written to {out}")
         return 0
     if args.command == "train":
+        from .run import validate_algorithm
+
         cfg = load_config(args.config, args.overrides)
+        validate_algorithm(cfg)
         if args.dry_run:
             import yaml
 
@@ -166,7 +169,7 @@ def _dispatch(parser, args) -> int:
         print(json.dumps(report))
         return 0
     if args.command == "eval":
-        return args.eval_func(args) if hasattr(args, "eval_func") else 2
+        return args.func(args)
     parser.print_help()
     return 2
 

@@ -138,12 +138,27 @@ def run_teacher_training(cfg: RunConfig, output: str | Path, progress: bool | No
 # distillation
 
 
-def run_distillation(cfg: RunConfig, export: bool = True) -> dict:
-    """Build teacher + algorithm from ``cfg``, train under the generic loop, export the student."""
+def validate_algorithm(cfg: RunConfig) -> None:
+    """Check ``algorithm.name`` and ``algorithm.params`` against the algorithm's Config dataclass."""
+    from .algorithms import REGISTRY
+
+    name = cfg.algorithm.name
+    if name not in REGISTRY:
+        raise ConfigError(f"unknown algorithm '{name}'; available: {', '.join(sorted(REGISTRY))}")
+    from_dict(REGISTRY[name].Config, cfg.algorithm.params, prefix="algorithm.params.")
+
+
+def run_distillation(cfg: RunConfig, export: bool = True, eval_fn=None, eval_every_steps: int | None = None) -> dict:
+    """Build teacher + algorithm from ``cfg``, train under the generic loop, export the student.
+
+    ``eval_fn(step, distiller) -> dict`` (optional) runs every ``eval_every_steps`` steps with the EMA
+    weights swapped in; its scalars are logged (e.g. FID during training).
+    """
     from .algorithms import build
     from .data.sources import build_source
     from .training import train
 
+    validate_algorithm(cfg)  # fail on a typo before loading (or training) a teacher
     teacher = build_teacher(cfg.teacher)
     distiller = build(cfg.algorithm.name, teacher, cfg.algorithm.params)
     source = build_source(cfg.train, teacher, needs_data=distiller.needs_data)
@@ -165,7 +180,9 @@ def run_distillation(cfg: RunConfig, export: bool = True) -> dict:
         gen.train(was)
         return img.clamp(-1, 1) if img.ndim == 4 else img  # 2-D toys: scatter plot
 
-    result = train(distiller, source, cfg.train, sample_fn=sample_fn, run_config=to_dict(cfg))
+    result = train(distiller, source, cfg.train, sample_fn=sample_fn, run_config=to_dict(cfg),
+                   eval_fn=(lambda step: eval_fn(step, distiller)) if eval_fn is not None else None,
+                   eval_every_steps=eval_every_steps)
     result = dict(result) if isinstance(result, dict) else {"result": result}
     if export and hasattr(teacher, "model"):
         from .export import export_generator
@@ -184,3 +201,43 @@ def run_distillation(cfg: RunConfig, export: bool = True) -> dict:
         result["pipeline"] = str(out)
     result["distiller"] = distiller
     return result
+
+
+# ---------------------------------------------------------------------------------------------
+# export of a finished or interrupted run
+
+
+def export_run(run_dir: str | Path, output: str | Path, checkpoint: str = "latest", use_ema: bool = True,
+               overwrite: bool = False) -> Path:
+    """Export the generator of a training run (its ``config.yaml`` + a checkpoint) as a pipeline."""
+    from .algorithms import build
+    from .export import export_generator
+    from .training import latest_checkpoint, load_checkpoint_weights
+
+    run_dir = Path(run_dir)
+    cfg_file = run_dir / "config.yaml"
+    if not cfg_file.exists():
+        raise FileNotFoundError(f"{run_dir} has no config.yaml; is it a folder written by `stepdistill train`?")
+    cfg = load_config(str(cfg_file))
+    ckpt = latest_checkpoint(run_dir) if checkpoint == "latest" else Path(checkpoint)
+    if ckpt is None:
+        raise FileNotFoundError(f"{run_dir} has no complete checkpoint under checkpoints/")
+    teacher = build_teacher(cfg.teacher)
+    distiller = build(cfg.algorithm.name, teacher, cfg.algorithm.params)
+    groups = distiller.trainable()
+    ema_group = getattr(distiller, "ema_group", "generator")
+    state = None
+    if use_ema and (ckpt / f"{ema_group}_ema.safetensors").exists():
+        state = load_checkpoint_weights(ckpt, ema_group, ema=True)
+    else:
+        state = load_checkpoint_weights(ckpt, ema_group)
+    groups[ema_group].load_state_dict(state)
+    return export_generator(
+        distiller.generator_for_export(),
+        teacher,
+        Path(output),
+        algorithm=distiller.name,
+        paper=distiller.paper,
+        extra={"config": to_dict(cfg), "checkpoint": str(ckpt)},
+        overwrite=overwrite,
+    )

@@ -1,0 +1,200 @@
+"""Digits one-step benchmark: the embedded teacher at 1/2/4/10/50 steps (DDIM, DPM-Solver++)
+beside one-step students (DMD2, VSD, BOOT, ...): FID-digits, class accuracy, images/s, training time,
+and FID-vs-iteration curves.
+
+    python benchmarks/digits_onestep.py                         # teacher rows + dmd2 vsd boot
+    python benchmarks/digits_onestep.py --methods dmd2 --num-images 1000
+    python benchmarks/digits_onestep.py --teacher-only
+
+Writes benchmarks/results/digits_onestep.json (rows as DESIGN.md §8) and digits_onestep.png (FID vs
+generator iteration), then regenerates BENCHMARKS.md.  Existing rows of methods not re-run are kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent
+RESULTS = ROOT / "results"
+NAME = "digits_onestep"
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=ROOT, text=True).strip()
+    except Exception:
+        return "unknown"
+
+
+def images_per_second(fn, n: int = 500, batch: int = 250) -> float:
+    """Throughput of ``fn(z, labels) -> images`` on this machine (after one warm-up batch)."""
+    labels = torch.arange(batch) % 10
+    z = torch.randn(batch, 1, 8, 8)
+    fn(z, labels)
+    t0 = time.perf_counter()
+    for _ in range(n // batch):
+        fn(z, labels)
+    return n / (time.perf_counter() - t0)
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def noise_from(gens, shape) -> torch.Tensor:
+    return torch.stack([torch.randn(shape, generator=g) for g in gens])
+
+
+def teacher_rows(teacher, args, command, commit) -> list[dict]:
+    from stepdistill.eval import class_accuracy, compute_fid, generate_images
+
+    rows = []
+    shape = teacher.sample_shape
+    for sampler in ("ddim", "dpmsolver"):
+        for steps in args.steps:
+            def fn(gens, labels, sampler=sampler, steps=steps):
+                z = noise_from(gens, shape)
+                x = teacher.sample(cond=teacher.encode_conditions(labels), num_steps=steps, sampler=sampler, noise=z)
+                return to_uint8(x)
+
+            res = compute_fid(fn, "digits", "digits", num_images=args.num_images, num_classes=10, progress=False)
+            imgs = generate_images(fn, args.num_images, num_classes=10, progress=False)
+            acc = class_accuracy(imgs, torch.arange(args.num_images) % 10)["class_accuracy"]
+            ips = images_per_second(lambda z, y, s=sampler, k=steps: teacher.sample(
+                cond=teacher.encode_conditions(y), num_steps=k, sampler=s, noise=z))
+            row = {"benchmark": NAME, "teacher": "digits", "method": f"teacher-{sampler}", "nfe": steps,
+                   "fid": round(res.fid, 3), "fid_detector": "digits-classifier", "metric": res.metric,
+                   "n_samples": args.num_images, "class_accuracy": round(acc, 4), "images_per_s": round(ips, 1),
+                   "commit": commit, "command": command}
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    return rows
+
+
+def student_row(method, args, command, commit) -> dict:
+    from stepdistill.config import load_config
+    from stepdistill.eval import class_accuracy, compute_fid, generate_images, get_detector
+    from stepdistill.run import run_distillation
+
+    out = Path(args.work_dir) / method
+    overrides = [f"train.output_dir={out}", "train.resume=null", *args.override]
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    cfg = load_config(f"digits/{method}", overrides)
+    det = get_detector("digits")
+    holder: dict = {}
+    curve: list[list[float]] = []
+
+    def gen_fn(gens, labels):
+        d = holder["distiller"]
+        gen = d.generator_for_export()
+        z = noise_from(gens, gen.sample_shape)
+        with torch.no_grad():
+            x = gen(z, d.teacher.encode_conditions(labels))
+        return to_uint8(x)
+
+    def eval_fn(step: int, distiller) -> dict:
+        holder["distiller"] = distiller
+        res = compute_fid(gen_fn, "digits", det, num_images=args.curve_images, num_classes=10, progress=False)
+        curve.append([step, round(res.fid, 3)])
+        print(f"  [{method}] step {step}: {res.metric} = {res.fid:.2f}", flush=True)
+        return {"fid": res.fid}
+
+    t0 = time.perf_counter()
+    result = run_distillation(cfg, eval_fn=eval_fn, eval_every_steps=args.curve_every)
+    train_seconds = time.perf_counter() - t0
+    holder["distiller"] = result["distiller"]
+    res = compute_fid(gen_fn, "digits", det, num_images=args.num_images, num_classes=10, progress=False)
+    imgs = generate_images(gen_fn, args.num_images, num_classes=10, progress=False)
+    acc = class_accuracy(imgs, torch.arange(args.num_images) % 10)["class_accuracy"]
+    gen = result["distiller"].generator_for_export()
+    teacher = result["distiller"].teacher
+    ips = images_per_second(lambda z, y: gen(z, teacher.encode_conditions(y)))
+    curve.append([cfg.train.max_steps, round(res.fid, 3)])
+    row = {"benchmark": NAME, "teacher": "digits", "method": result["distiller"].name if isinstance(
+        getattr(result["distiller"], "name", None), str) else method, "nfe": gen.num_steps,
+           "fid": round(res.fid, 3), "fid_detector": "digits-classifier", "metric": res.metric,
+           "n_samples": args.num_images, "class_accuracy": round(acc, 4), "images_per_s": round(ips, 1),
+           "train_steps": cfg.train.max_steps, "train_seconds": round(train_seconds, 1),
+           "curve": curve, "commit": commit, "command": command}
+    print(json.dumps({k: v for k, v in row.items() if k != "curve"}), flush=True)
+    return row
+
+
+def plot(rows: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in rows:
+        if r.get("curve"):
+            xs, ys = zip(*r["curve"])
+            ax.plot(xs, ys, marker="o", label=r["method"])
+    best = [r["fid"] for r in rows if r["method"].startswith("teacher")]
+    if best:
+        ax.axhline(min(best), color="k", ls="--", lw=1, label="teacher best (multi-step)")
+    ax.set_xlabel("training step")
+    ax.set_ylabel("FID-digits")
+    ax.set_yscale("log")
+    ax.legend()
+    ax.set_title("digits: one-step students, FID vs iteration")
+    fig.tight_layout()
+    fig.savefig(RESULTS / f"{NAME}.png", dpi=120)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--methods", nargs="*", default=["dmd2", "vsd", "boot"])
+    p.add_argument("--teacher-only", action="store_true")
+    p.add_argument("--skip-teacher", action="store_true", help="keep the existing teacher rows")
+    p.add_argument("--steps", nargs="*", type=int, default=[1, 2, 4, 10, 50])
+    p.add_argument("--num-images", type=int, default=1000)
+    p.add_argument("--curve-images", type=int, default=500)
+    p.add_argument("--curve-every", type=int, default=200)
+    p.add_argument("--work-dir", default="runs/bench-digits")
+    p.add_argument("--override", action="append", default=[], help="config override for every student run")
+    args = p.parse_args(argv)
+    command = "python benchmarks/digits_onestep.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    commit = git_commit()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{NAME}.json"
+    old = json.loads(path.read_text()) if path.exists() else []
+
+    from stepdistill.run import ensure_embedded_teacher
+    from stepdistill.teachers.diffusion import DiffusersTeacher
+
+    teacher = DiffusersTeacher.from_pretrained(ensure_embedded_teacher())
+    rows = [r for r in old if r["method"].startswith("teacher")] if args.skip_teacher else \
+        teacher_rows(teacher, args, command, commit)
+    methods = [] if args.teacher_only else args.methods
+    new = [student_row(m, args, command, commit) for m in methods]
+    done = {r["method"] for r in new}
+    keep = [r for r in old if not r["method"].startswith("teacher") and r["method"] not in done
+            and r["method"] not in [f"disback-{m}" for m in methods]]
+    rows = rows + keep + new
+    teacher_best = min(r["fid"] for r in rows if r["method"].startswith("teacher"))
+    t50 = [r for r in rows if r["method"] == "teacher-ddim" and r["nfe"] == 50]
+    for r in rows:
+        r["fid_ratio_to_teacher_best"] = round(r["fid"] / teacher_best, 3)
+        if t50 and r.get("images_per_s"):
+            r["speedup_vs_50"] = round(r["images_per_s"] / t50[0]["images_per_s"], 1)
+    path.write_text(json.dumps(rows, indent=1))
+    plot(rows)
+    subprocess.run([sys.executable, str(ROOT / "make_tables.py")], check=False)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,139 @@
+"""CLI smoke runs: teacher training, distillation, export, sampling, evaluation, and bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from stepdistill.cli import main
+
+TINY_TEACHER = ["train.max_steps=20", "train.progress=false", "train.report_to=null", "train.sample_every_steps=0",
+                "train.checkpoint_every_steps=100", "teacher.params.unet.block_out_channels=[16,32]"]
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("teacher")
+    assert main(["teacher", "train", "--preset", "digits", "--output", str(out), *TINY_TEACHER]) == 0
+    pipe = out / "pipeline"
+    assert (pipe / "model_index.json").exists()
+    index = json.loads((pipe / "model_index.json").read_text())
+    assert index["num_classes"] == 10
+    return pipe
+
+
+def _dmd2_overrides(teacher_dir, out):
+    return [f"teacher.path={teacher_dir}", f"train.output_dir={out}", "train.max_steps=4", "train.progress=false",
+            "train.report_to=null", "train.sample_every_steps=2", "train.checkpoint_every_steps=2",
+            "train.batch_size=8", "algorithm.params.regression_steps=1", "algorithm.params.regression_pairs=16",
+            "algorithm.params.critic_warmup_steps=1"]
+
+
+def test_help_lists_commands_and_examples(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for word in ("demo", "teacher", "train", "sample", "export", "eval", "examples:"):
+        assert word in out
+
+
+def test_presets_listed(capsys):
+    assert main(["presets"]) == 0
+    out = capsys.readouterr().out.split()
+    assert "digits/dmd2" in out and "digits/teacher" in out and "sd15/dmd2" in out
+
+
+def test_train_export_sample_eval(teacher_dir, tmp_path, capsys):
+    run = tmp_path / "dmd2"
+    assert main(["train", "digits/dmd2", *_dmd2_overrides(teacher_dir, run)]) == 0
+    pipe = run / "pipeline"
+    assert (pipe / "model_index.json").exists() and (pipe / "README.md").exists()
+    assert (run / "config.yaml").exists()
+    assert list((run / "samples").glob("*.png"))
+    # re-export from the run folder (latest checkpoint)
+    again = tmp_path / "again"
+    assert main(["export", str(run), "--output", str(again)]) == 0
+    assert (again / "model_index.json").exists()
+    # sample grid
+    grid = tmp_path / "grid.png"
+    assert main(["sample", str(pipe), "--num-images", "8", "--output", str(grid)]) == 0
+    assert grid.exists() and grid.stat().st_size > 0
+    capsys.readouterr()
+    # FID with the digits detector, JSON on the last line
+    assert main(["eval", "fid", str(pipe), "digits", "--num-images", "64", "--json"]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    report = json.loads(last)
+    assert report["fid"] > 0 and "digits" in json.dumps(report).lower()
+
+
+def test_resume_continues_a_killed_run(teacher_dir, tmp_path):
+    run = tmp_path / "r"
+    base = _dmd2_overrides(teacher_dir, run)
+    assert main(["train", "digits/dmd2", *base, "train.max_steps=2", "--no-export"]) == 0
+    assert (run / "checkpoints" / "checkpoint-0000002").exists()
+    assert main(["train", "digits/dmd2", *base]) == 0  # resumes from step 2 (train.resume=latest)
+    assert (run / "checkpoints" / "checkpoint-0000004").exists()
+    lines = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
+    assert max(x["step"] for x in lines) >= 3
+
+
+def test_dry_run_prints_resolved_config(capsys):
+    assert main(["train", "digits/vsd", "train.max_steps=3", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "max_steps: 3" in out and "name: vsd" in out
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["train", "digits/dmd2", "train.max_stepz=3"], "did you mean 'train.max_steps'"),
+        (["train", "digits/dmd2", "train.max_steps=abc"], "expected int"),
+        (["train", "no/such/preset"], "no preset or YAML file"),
+        (["train", "digits/dmd2", "algorithm.params.update_ration=2", "teacher.path=/nonexistent"], "update_ration"),
+        (["train", "digits/dmd2", "teacher.path=/nonexistent/folder"], "neither a local folder"),
+    ],
+)
+def test_bad_input_names_the_problem(argv, message, capsys, tmp_path):
+    argv = [*argv, f"train.output_dir={tmp_path}"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err, err
+
+
+def test_teacher_folder_without_model_index(tmp_path, capsys):
+    bad = tmp_path / "not-a-pipeline"
+    bad.mkdir()
+    (bad / "junk.txt").write_text("x")
+    assert main(["train", "digits/dmd2", f"teacher.path={bad}", f"train.output_dir={tmp_path / 'o'}"]) == 2
+    assert "model_index.json" in capsys.readouterr().err
+
+
+def test_corrupt_config_file(tmp_path, capsys):
+    f = tmp_path / "bad.yaml"
+    f.write_text("train: {max_steps: [1, 2\n")
+    assert main(["train", str(f)]) == 2
+    assert "not valid YAML" in capsys.readouterr().err
+
+
+def test_module_entry_point_for_accelerate(capsys):
+    from stepdistill.train import main as train_main
+
+    assert train_main(["digits/dmd2", "train.max_steps=1", "--dry-run"]) == 0
+    assert "max_steps: 1" in capsys.readouterr().out
+
+
+def test_export_of_missing_run(tmp_path, capsys):
+    assert main(["export", str(tmp_path / "nope"), "--output", str(tmp_path / "x")]) == 2
+    assert "config.yaml" in capsys.readouterr().err
+
+
+def test_sample_of_non_pipeline(tmp_path, capsys):
+    assert main(["sample", str(tmp_path), "--output", str(tmp_path / "g.png")]) == 2
+    assert "model_index.json" in capsys.readouterr().err
+
+
+def test_pipeline_dir_is_path(teacher_dir):
+    assert isinstance(teacher_dir, Path)
