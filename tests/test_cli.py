@@ -137,3 +137,26 @@ def test_sample_of_non_pipeline(tmp_path, capsys):
 
 def test_pipeline_dir_is_path(teacher_dir):
     assert isinstance(teacher_dir, Path)
+
+
+def test_two_process_accelerate_launch_of_the_module(tmp_path):
+    """`accelerate launch -m stepdistill.train` with 2 CPU processes (gloo) on the analytic preset.
+
+    accelerate 1.15's `--cpu --num_processes 2` starts a single process; `--multi_gpu` with
+    ACCELERATE_USE_CPU=1 runs torch.distributed with gloo on the CPU (documented in the README)."""
+    import os
+    import shutil
+    import subprocess
+
+    if shutil.which("accelerate") is None:
+        pytest.skip("accelerate CLI not on PATH")
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", HF_HOME=str(tmp_path / "hf"))
+    out = tmp_path / "run"
+    cmd = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "stepdistill.train", "analytic/dmd2",
+           f"train.output_dir={out}", "train.max_steps=4", "train.batch_size=16", "train.progress=false",
+           "train.checkpoint_every_steps=2"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    state = json.loads((out / "checkpoints" / "checkpoint-0000004" / "trainer_state.json").read_text())
+    assert state.get("world_size", state.get("num_processes")) == 2, state
