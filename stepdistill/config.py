@@ -317,7 +317,12 @@ def load_config(source: str | Path | dict | None = None, overrides: list[str] | 
         if base_name in seen:
             raise ConfigError(f"config 'base' chain loops at '{base_name}'")
         seen.add(base_name)
-        data = _deep_merge(_read_yaml(preset_path(base_name)), data)
+        base = _read_yaml(preset_path(base_name))
+        # a child that names another algorithm starts from that algorithm's defaults, not the base's params
+        b_alg, c_alg = base.get("algorithm") or {}, data.get("algorithm") or {}
+        if "name" in c_alg and c_alg["name"] != b_alg.get("name") and "params" in b_alg:
+            base = dict(base, algorithm={k: v for k, v in b_alg.items() if k != "params"})
+        data = _deep_merge(base, data)
     data = apply_overrides(data, overrides or [])
     return from_dict(RunConfig, data)
 
