@@ -45,6 +45,7 @@ import copy
 import datetime as _dt
 import inspect
 import json
+import operator
 import os
 import shutil
 import warnings
@@ -635,3 +636,274 @@ def export_teacher_pipeline(
         )
         _write_metadata(tmp, meta, "\n".join(card_lines))
     return out
+
+
+def _check_exportable_unet2d(generator, k: int):
+    """The checks of ``export_generator`` for one student of a multi-student export."""
+    denoiser = getattr(generator, "denoiser", None)
+    if (
+        denoiser is None
+        or not isinstance(getattr(denoiser, "model", None), nn.Module)
+        or not hasattr(denoiser, "scheduler_config")
+    ):
+        raise NotImplementedError(
+            f"student {k}: cannot export a generator whose denoiser is {type(denoiser).__name__}: it is not a "
+            "diffusers network wrapped by stepdistill.teachers.diffusion.DiffusersTeacher"
+        )
+    prediction_type = denoiser.prediction_type
+    if prediction_type not in LCM_PREDICTION_TYPES:
+        raise NotImplementedError(
+            f"student {k}: prediction_type {prediction_type!r} is not exportable (LCMScheduler, which reproduces "
+            f"the training-time generator, supports {LCM_PREDICTION_TYPES})"
+        )
+    kind = type(_unwrap(denoiser.model)).__name__
+    if kind != "UNet2DModel":
+        raise NotImplementedError(
+            f"student {k} is a {kind}: MultiStudentPipeline routes class labels to UNet2DModel students "
+            "(text-conditional multi-student export is not supported)"
+        )
+    return denoiser
+
+
+def export_multi_student(
+    generators: list,
+    teacher,
+    route: list[int],
+    output_dir: str | Path,
+    *,
+    algorithm: str = "msd",
+    paper: str = "",
+    metrics: dict | None = None,
+    extra: dict | None = None,
+    use_ema_states: list | None = None,
+    overwrite: bool = False,
+    teacher_name: str | None = None,
+) -> Path:
+    """Write K class-routed students (MSD) as one self-contained ``MultiStudentPipeline`` folder.
+
+    Args:
+        generators: the K trained students (:class:`stepdistill.students.Generator`, e.g.
+            ``MSD.generator_for_export()``); ``UNet2DModel`` networks of any width, sharing the
+            teacher's noise schedule, parametrisation, training-time timesteps and sample shape.
+        teacher: the teacher (gives the VAE of latent students and the name in the model card).
+        route: ``route[c]`` = index of the student that generates class ``c`` (``MSD.route``); one
+            entry per class of the teacher, every entry in ``0..K-1``, every student used.
+        output_dir: destination folder (written atomically).
+        algorithm, paper, metrics, extra: recorded in the model card and ``stepdistill.json``.
+        use_ema_states: ``None`` or a list of K entries, each ``None`` (live weights) or an EMA state
+            as accepted by :func:`export_generator`'s ``use_ema_state``.
+        overwrite: replace a non-empty existing ``output_dir``.
+        teacher_name: how to name the teacher in the card (default: its ``_name_or_path``).
+
+    The folder holds ``model_index.json`` (list-form ``_class_name``, ``route``, ``num_classes``,
+    ``timesteps``), ``multi_student.py`` (also in ``students/``), ``students/`` (one ``StudentBank``
+    model with all K networks), ``scheduler/`` (``LCMScheduler`` with ``_stepdistill_timesteps``),
+    optionally ``vae/``, ``stepdistill.json`` and ``README.md``.  Raises :class:`ExportError` for an
+    invalid route or mismatched students, ``NotImplementedError`` for non-exportable students.
+    """
+    if isinstance(generators, nn.Module) and not isinstance(generators, nn.ModuleList):
+        generators = [generators]
+    generators = list(generators)
+    if not generators:
+        raise ExportError("export_multi_student needs at least one student generator")
+    num_students = len(generators)
+    denoisers = [_check_exportable_unet2d(g, k) for k, g in enumerate(generators)]
+    first = denoisers[0]
+
+    # -- everything the students must share -------------------------------------------------------
+    prediction_type = first.prediction_type
+    timesteps = [int(round(first.timestep_value(t))) for t in generators[0].timesteps]
+    schedule = _jsonable(dict(first.scheduler_config))
+    for k, (g, d) in enumerate(zip(generators, denoisers)):
+        if d.prediction_type != prediction_type:
+            raise ExportError(
+                f"student {k} predicts {d.prediction_type!r}, student 0 {prediction_type!r}: the students share "
+                "one scheduler, so they need the same prediction type"
+            )
+        ts = [int(round(d.timestep_value(t))) for t in g.timesteps]
+        if ts != timesteps:
+            raise ExportError(
+                f"student {k} was trained at timesteps {ts}, student 0 at {timesteps}: the students share one "
+                "sampling schedule"
+            )
+        if _jsonable(dict(d.scheduler_config)) != schedule:
+            raise ExportError(f"student {k} has a different noise schedule (scheduler_config) than student 0")
+        if getattr(g, "boundary", "lcm") != "lcm":
+            warnings.warn(
+                f"student {k}: generator.boundary={g.boundary!r}: the exported LCMScheduler applies the LCM "
+                "boundary scalings, so the pipeline differs slightly from the training-time generator",
+                stacklevel=2,
+            )
+
+    num_classes = getattr(teacher, "num_classes", None) if teacher is not None else None
+    if num_classes is None:
+        num_classes = getattr(first, "num_classes", None)
+    if num_classes is None:
+        raise ExportError(
+            "MultiStudentPipeline routes by class label: the teacher / students must be class-conditional "
+            "(num_classes is None)"
+        )
+    num_classes = int(num_classes)
+
+    # -- the route ----------------------------------------------------------------------------------
+    if isinstance(route, torch.Tensor):
+        route = route.tolist()
+    if route is None or isinstance(route, (str, bytes, dict)) or not hasattr(route, "__len__"):
+        raise ExportError(f"route must be a list with one student index per class, got {route!r}")
+    route = list(route)
+    if len(route) != num_classes:
+        raise ExportError(
+            f"route has {len(route)} entries but the teacher has {num_classes} classes: route[c] must name the "
+            f"student for every class c in 0..{num_classes - 1}"
+        )
+    clean = []
+    for c, k in enumerate(route):
+        try:
+            if isinstance(k, bool):
+                raise TypeError
+            clean.append(operator.index(k))  # int, numpy / torch integers; not floats or bools
+        except TypeError:
+            raise ExportError(f"route[{c}] = {k!r} is not a student index (an integer)") from None
+    route = clean
+    homeless = [c for c, k in enumerate(route) if not 0 <= k < num_students]
+    if homeless:
+        raise ExportError(
+            f"classes {homeless} have no student: route sends them to {[route[c] for c in homeless]}, but there "
+            f"are {num_students} students (indices 0..{num_students - 1})"
+        )
+    idle = [k for k in range(num_students) if k not in route]
+    if idle:
+        raise ExportError(f"students {idle} serve no class in route {route}: drop them or fix the route")
+    classes = [[c for c in range(num_classes) if route[c] == k] for k in range(num_students)]
+
+    # -- per-student networks ---------------------------------------------------------------------
+    if use_ema_states is None:
+        use_ema_states = [None] * num_students
+    use_ema_states = list(use_ema_states)
+    if len(use_ema_states) != num_students:
+        raise ExportError(f"use_ema_states has {len(use_ema_states)} entries for {num_students} students")
+    shape = None
+    for k, d in enumerate(denoisers):
+        cfg = _unwrap(d.model).config
+        embeds = cfg.get("num_class_embeds")
+        if not embeds or int(embeds) < num_classes:
+            raise ExportError(
+                f"student {k} has num_class_embeds={embeds}: it cannot embed the {num_classes} class labels"
+            )
+        this = (cfg.in_channels, cfg.sample_size)
+        if shape is not None and this != shape:
+            raise ExportError(
+                f"student {k} generates (in_channels, sample_size) = {this}, student 0 {shape}: all students "
+                "must generate the same sample shape"
+            )
+        shape = this
+
+    vae = _frozen_part(teacher, generators[0], "vae")
+    out = Path(output_dir).expanduser().absolute()
+    labels = list(range(min(num_classes, 4)))
+    snippet = (
+        "import torch\n"
+        "from diffusers import DiffusionPipeline\n\n"
+        f'pipe = DiffusionPipeline.from_pretrained("{out}", trust_remote_code=True)\n'
+        f"images = pipe(class_labels={labels}, generator=torch.Generator().manual_seed(0)).images"
+    )
+    route_rows = ["| student | classes | block_out_channels | parameters |", "|---|---|---|---|"]
+    sizes = []
+    for k, d in enumerate(denoisers):
+        net = _unwrap(d.model)
+        n_params = sum(p.numel() for p in net.parameters())
+        sizes.append({"block_out_channels": list(net.config.block_out_channels), "parameters": int(n_params)})
+        route_rows.append(
+            f"| {k} | {_compact_ranges(classes[k])} | {list(net.config.block_out_channels)} | {n_params:,} |"
+        )
+    alt = "\n".join(
+        [
+            f"**Routing.** Each class is generated by exactly one of the {num_students} students "
+            "(one network evaluation per image per step); `route[c]` in `model_index.json` is the student "
+            "for class `c`:",
+            "",
+            *route_rows,
+            "",
+            f"`route = {route}`",
+            "",
+            "`multi_student.py` (in this folder and in `students/`) holds the pipeline and the `StudentBank` "
+            "container of the students; it needs only diffusers. With stepdistill installed, "
+            "`from stepdistill.pipelines.multi_student import MultiStudentPipeline; "
+            "MultiStudentPipeline.from_pretrained(folder)` loads it without remote code. By default the "
+            "pipeline runs the training-time timesteps; pass a list of generators (one per image) to make "
+            "each image's noise independent of the batch composition.",
+        ]
+    )
+
+    import diffusers
+
+    import stepdistill
+
+    meta = {
+        "format": 1,
+        "algorithm": algorithm,
+        "paper": paper,
+        "teacher": _teacher_name(teacher, generators[0], teacher_name, extra),
+        "pipeline": "MultiStudentPipeline",
+        "student_class": "UNet2DModel",
+        "num_students": num_students,
+        "route": route,
+        "classes": classes,
+        "students": sizes,
+        "timesteps": timesteps,
+        "timestep_indices": [int(t) for t in generators[0].timesteps],
+        "prediction_type": prediction_type,
+        "num_classes": num_classes,
+        "sample_shape": list(getattr(generators[0], "sample_shape", ()) or ()),
+        "ema": [s is not None for s in use_ema_states],
+        "scheduler": "LCMScheduler",
+        "teacher_scheduler_config": schedule,
+        "metrics": _jsonable(metrics or {}),
+        "extra": _jsonable(extra or {}),
+        "loading_snippet": snippet,
+        "stepdistill_version": getattr(stepdistill, "__version__", None),
+        "diffusers_version": diffusers.__version__,
+        "torch_version": torch.__version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    card = _model_card(meta, snippet, alt)
+
+    from stepdistill.pipelines.multi_student import MultiStudentPipeline, StudentBank
+
+    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+        nets, seen = [], set()
+        for g, state in zip(generators, use_ema_states):
+            net = _student_network(g, state)
+            if id(net) in seen:  # the same network twice: safetensors refuses shared tensors
+                net = copy.deepcopy(net)
+            seen.add(id(net))
+            nets.append(net)
+        scheduler = _lcm_scheduler(first.scheduler_config, prediction_type, timesteps)
+        pipe = MultiStudentPipeline(
+            students=StudentBank.from_unets(nets),
+            scheduler=scheduler,
+            vae=_fp32(vae),
+            route=route,
+            timesteps=timesteps,
+            num_classes=num_classes,
+        )
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        _make_self_contained(tmp, "multi_student", "MultiStudentPipeline")
+        _write_metadata(tmp, meta, card)
+    return out
+
+
+def _compact_ranges(values: list[int]) -> str:
+    """[0, 1, 2, 5, 7, 8] -> '0-2, 5, 7-8'."""
+    parts, start, prev = [], None, None
+    for v in values:
+        if start is None:
+            start = prev = v
+        elif v == prev + 1:
+            prev = v
+        else:
+            parts.append(f"{start}-{prev}" if prev > start else f"{start}")
+            start = prev = v
+    if start is not None:
+        parts.append(f"{start}-{prev}" if prev > start else f"{start}")
+    return ", ".join(parts)

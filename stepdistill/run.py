@@ -164,6 +164,7 @@ def run_distillation(cfg: RunConfig, export: bool = True, eval_fn=None, eval_eve
     source = build_source(cfg.train, teacher, needs_data=distiller.needs_data)
     gen = distiller.generator_for_export()
     n = cfg.train.num_sample_images
+    sample_gen = gen[0] if isinstance(gen, list) else gen  # MSD: grids of the first student
 
     def sample_fn(step: int):
         g = torch.Generator().manual_seed(cfg.train.seed)
@@ -171,20 +172,37 @@ def run_distillation(cfg: RunConfig, export: bool = True, eval_fn=None, eval_eve
         if raw is not None and getattr(teacher, "num_classes", None):
             raw = torch.arange(n) % teacher.num_classes
         cond = teacher.encode_conditions(raw) if raw is not None else None
-        z = torch.randn((n, *gen.sample_shape), generator=g)
-        was = gen.training
-        gen.eval()
+        if isinstance(gen, list) and raw is not None:  # route each class to its student
+            z = torch.randn((n, *sample_gen.sample_shape), generator=g)
+            x0 = torch.zeros_like(z)
+            with torch.no_grad():
+                for k, student in enumerate(gen):
+                    idx = torch.tensor([i for i in range(n) if distiller.route[int(raw[i])] == k], dtype=torch.long)
+                    if len(idx):
+                        x0[idx] = student(z[idx], teacher.encode_conditions(raw[idx]))
+                img = teacher.decode(x0)
+            return img.clamp(-1, 1)
+        z = torch.randn((n, *sample_gen.sample_shape), generator=g)
+        was = sample_gen.training
+        sample_gen.eval()
         with torch.no_grad():
-            x0 = gen(z, cond, generator=g)
+            x0 = sample_gen(z, cond, generator=g)
             img = teacher.decode(x0)
-        gen.train(was)
+        sample_gen.train(was)
         return img.clamp(-1, 1) if img.ndim == 4 else img  # 2-D toys: scatter plot
 
     result = train(distiller, source, cfg.train, sample_fn=sample_fn, run_config=to_dict(cfg),
                    eval_fn=(lambda step: eval_fn(step, distiller)) if eval_fn is not None else None,
                    eval_every_steps=eval_every_steps)
     result = dict(result) if isinstance(result, dict) else {"result": result}
-    if export and hasattr(teacher, "model"):
+    if export and hasattr(teacher, "model") and isinstance(gen, list):  # MSD: one pipeline, K students
+        from .export import export_multi_student
+
+        out = Path(cfg.train.output_dir) / "pipeline"
+        export_multi_student(gen, teacher, distiller.route, out, algorithm=distiller.name, paper=distiller.paper,
+                             extra={"config": to_dict(cfg)}, overwrite=True)
+        result["pipeline"] = str(out)
+    elif export and hasattr(teacher, "model"):
         from .export import export_generator
 
         out = Path(cfg.train.output_dir) / "pipeline"
