@@ -160,3 +160,33 @@ def test_two_process_accelerate_launch_of_the_module(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     state = json.loads((out / "checkpoints" / "checkpoint-0000004" / "trainer_state.json").read_text())
     assert state.get("world_size", state.get("num_processes")) == 2, state
+
+
+@pytest.mark.parametrize(
+    "preset,extra",
+    [
+        ("digits/msd_k2", ["algorithm.params.base_params.regression_steps=1",
+                           "algorithm.params.base_params.regression_pairs=16",
+                           "algorithm.params.base_params.critic_warmup_steps=0"]),
+        ("digits/disback_dmd2", ["algorithm.params.base_params.regression_steps=1",
+                                 "algorithm.params.base_params.regression_pairs=16",
+                                 "algorithm.params.recording_steps=2", "algorithm.params.num_nodes=2",
+                                 "algorithm.params.switch_every_steps=1"]),
+        ("digits/boot", []),
+        ("digits/vsd", []),
+    ],
+)
+def test_other_algorithms_train_and_export(teacher_dir, tmp_path, preset, extra):
+    from diffusers import DiffusionPipeline
+
+    run = tmp_path / "run"
+    argv = ["train", preset, f"teacher.path={teacher_dir}", f"train.output_dir={run}", "train.max_steps=4",
+            "train.progress=false", "train.report_to=null", "train.sample_every_steps=0",
+            "train.checkpoint_every_steps=100", "train.batch_size=8", *extra]
+    assert main(argv) == 0
+    pipe = DiffusionPipeline.from_pretrained(str(run / "pipeline"), trust_remote_code=True)
+    pipe.set_progress_bar_config(disable=True)
+    images = pipe(class_labels=[0, 3, 9], output_type="np").images
+    assert images.shape[0] == 3
+    if "disback" in preset:
+        assert len(list((run / "disback_nodes").glob("node-*.safetensors"))) == 2
