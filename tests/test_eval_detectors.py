@@ -148,7 +148,7 @@ def _random_inception_weights(path, monkeypatch):
 
 def test_inception_detector_local_random_weights(tmp_path, monkeypatch):
     pytest.importorskip("torch_fidelity", reason="torch-fidelity not installed (pip install 'stepdistill[fid]')")
-    from torchmetrics.image.fid import FrechetInceptionDistance
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
     w = tmp_path / "inception.pth"
     _random_inception_weights(w, monkeypatch)
@@ -160,17 +160,41 @@ def test_inception_detector_local_random_weights(tmp_path, monkeypatch):
     x = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8, generator=g)
     f = det.features(x)
     assert f.shape == (4, 64) and np.isfinite(f).all() and f.std() > 0
-    ref = FrechetInceptionDistance(feature=64, feature_extractor_weights_path=str(w), antialias=False)
-    np.testing.assert_allclose(f, ref.inception(x).double().numpy(), rtol=1e-5, atol=1e-6)
+    # antialias=False is exactly torch-fidelity's own forward
+    (ref,) = FeatureExtractorInceptionV3.forward(det.net, x)
+    np.testing.assert_allclose(f, ref.double().numpy(), rtol=1e-5, atol=1e-6)
     # grey input is repeated to RGB
     np.testing.assert_allclose(det.features(x[:, :1]), det.features(x[:, :1].repeat(1, 3, 1, 1)), atol=1e-6)
     # antialias changes the resize, hence the features and the cache key
     det_aa = get_detector("inception", weights=w, feature_dim=64, antialias=True)
     assert det_aa.cache_key() != det.cache_key()
     assert not np.allclose(det_aa.features(x), f)
-    # full 2048-d pool features run too
-    f2048 = get_detector("inception", weights=w).features(x[:2])
-    assert f2048.shape == (2, 2048) and np.isfinite(f2048).all()
+    # end to end through compute_fid: FID(x, x) = 0, FID(x, y) > 0 (few images: singular covariances)
+    from stepdistill.eval.metrics import compute_fid
+
+    y = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8, generator=g)
+    with pytest.warns(RuntimeWarning, match="only 4 images"):
+        same = compute_fid(x, x, det)
+        diff = compute_fid(x, y, det)
+    assert abs(same.fid) < 1e-6 and diff.fid > 1e-6
+    assert same.metric == "FID-N4" and same.fid_detector == "inception-v3-compat"
+
+
+@pytest.mark.slow
+def test_inception_matches_torchmetrics_fid_network(tmp_path, monkeypatch):
+    """Same features as torchmetrics' FrechetInceptionDistance (slow: importing torchmetrics and
+    running the full network on CPU take a while)."""
+    pytest.importorskip("torch_fidelity", reason="torch-fidelity not installed")
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    w = tmp_path / "inception.pth"
+    _random_inception_weights(w, monkeypatch)
+    x = torch.randint(0, 256, (2, 3, 20, 20), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    for antialias in (False, True):
+        for dim in (64, 2048):
+            ours = get_detector("inception", weights=w, feature_dim=dim, antialias=antialias).features(x)
+            tm = FrechetInceptionDistance(feature=dim, feature_extractor_weights_path=str(w), antialias=antialias)
+            np.testing.assert_allclose(ours, tm.inception(x).double().numpy(), rtol=1e-4, atol=1e-5)
 
 
 def test_inception_bad_weights_file(tmp_path):
@@ -202,11 +226,11 @@ def test_inception_without_torch_fidelity(monkeypatch):
 class _FakeLayers(torch.nn.Module):
     def __init__(self):
         super().__init__()
-        self.proj = torch.nn.Conv2d(3, 2048, 1)
+        self.proj = torch.nn.Linear(3 * 16, 2048)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         assert x.shape[-1] == 299
-        return self.proj(x).mean(dim=(2, 3))
+        return self.proj(torch.nn.functional.adaptive_avg_pool2d(x, 4).flatten(1))
 
 
 class _FakeCleanFIDInception(torch.nn.Module):
