@@ -282,7 +282,12 @@ class DigitsDetector(Detector):
     @classmethod
     def default(cls, train_if_missing: bool = True, device: str | torch.device = "cpu",
                 progress: bool = False) -> DigitsDetector:
-        """The detector in the cache (``$STEPDISTILL_CACHE/detectors/digits-v1``), trained on first use."""
+        """The digits detector shipped with the package (``eval/weights/digits-v1``, so FID-digits
+        numbers are comparable across machines), else the one in the cache
+        (``$STEPDISTILL_CACHE/detectors/digits-v1``), trained on first use."""
+        packaged = Path(__file__).parent / "weights" / DIGITS_DETECTOR_VERSION
+        if (packaged / CONFIG_FILE).is_file() and not os.environ.get("STEPDISTILL_IGNORE_PACKAGED_DETECTOR"):
+            return cls.load(packaged, device=device)
         folder = default_digits_detector_dir()
         if (folder / CONFIG_FILE).is_file():
             try:

@@ -90,8 +90,14 @@ def test_sha_mismatch_and_missing(tmp_path, det_dir):
         DigitsDetector.load(tmp_path / "nothing")
 
 
+def test_packaged_detector_is_the_default():
+    det = get_detector("digits")
+    assert "weights" in str(det.config.get("_path", "")) or det.weights_sha256.startswith("6a7a5372")
+
+
 def test_default_detector_trains_on_first_use_then_reuses(tmp_path, monkeypatch):
     monkeypatch.setenv("STEPDISTILL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("STEPDISTILL_IGNORE_PACKAGED_DETECTOR", "1")
     calls = []
     real = D.train_digits_detector
 
