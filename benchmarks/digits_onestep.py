@@ -52,8 +52,23 @@ def noise_from(gens, shape) -> torch.Tensor:
     return torch.stack([torch.randn(shape, generator=g) for g in gens])
 
 
+def student_forward(distiller, z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """One-step generation; MSD routes each class to its student (one network evaluation per image)."""
+    gen = distiller.generator_for_export()
+    teacher = distiller.teacher
+    if not isinstance(gen, list):
+        return gen(z, teacher.encode_conditions(labels))
+    out = torch.empty_like(z)
+    route = torch.tensor(distiller.route)[labels]
+    for k, g in enumerate(gen):
+        idx = (route == k).nonzero().flatten()
+        if len(idx):
+            out[idx] = g(z[idx], teacher.encode_conditions(labels[idx]))
+    return out
+
+
 def teacher_rows(teacher, args, command, commit) -> list[dict]:
-    from stepdistill.eval import class_accuracy, compute_fid, generate_images
+    from stepdistill.eval import evaluate_generator
 
     rows = []
     shape = teacher.sample_shape
@@ -64,15 +79,14 @@ def teacher_rows(teacher, args, command, commit) -> list[dict]:
                 x = teacher.sample(cond=teacher.encode_conditions(labels), num_steps=steps, sampler=sampler, noise=z)
                 return to_uint8(x)
 
-            res = compute_fid(fn, "digits", "digits", num_images=args.num_images, num_classes=10, progress=False)
-            imgs = generate_images(fn, args.num_images, num_classes=10, progress=False)
-            acc = class_accuracy(imgs, torch.arange(args.num_images) % 10)["class_accuracy"]
+            ev = evaluate_generator(fn, "digits", "digits", num_images=args.num_images, num_classes=10,
+                                    progress=False)
             ips = images_per_second(lambda z, y, s=sampler, k=steps: teacher.sample(
                 cond=teacher.encode_conditions(y), num_steps=k, sampler=s, noise=z))
             row = {"benchmark": NAME, "teacher": "digits", "method": f"teacher-{sampler}", "nfe": steps,
-                   "fid": round(res.fid, 3), "fid_detector": "digits-classifier", "metric": res.metric,
-                   "n_samples": args.num_images, "class_accuracy": round(acc, 4), "images_per_s": round(ips, 1),
-                   "commit": commit, "command": command}
+                   "fid": round(ev["fid"], 3), "fid_detector": "digits-classifier", "metric": ev["metric"],
+                   "n_samples": args.num_images, "class_accuracy": round(ev["class_accuracy"], 4),
+                   "images_per_s": round(ips, 1), "commit": commit, "command": command}
             print(json.dumps(row), flush=True)
             rows.append(row)
     return rows
@@ -80,7 +94,7 @@ def teacher_rows(teacher, args, command, commit) -> list[dict]:
 
 def student_row(method, args, command, commit) -> dict:
     from stepdistill.config import load_config
-    from stepdistill.eval import class_accuracy, compute_fid, generate_images, get_detector
+    from stepdistill.eval import compute_fid, evaluate_generator, get_detector
     from stepdistill.run import run_distillation
 
     out = Path(args.work_dir) / method
@@ -95,12 +109,9 @@ def student_row(method, args, command, commit) -> dict:
     curve: list[list[float]] = []
 
     def gen_fn(gens, labels):
-        d = holder["distiller"]
-        gen = d.generator_for_export()
-        z = noise_from(gens, gen.sample_shape)
+        z = noise_from(gens, (1, 8, 8))
         with torch.no_grad():
-            x = gen(z, d.teacher.encode_conditions(labels))
-        return to_uint8(x)
+            return to_uint8(student_forward(holder["distiller"], z, labels))
 
     def eval_fn(step: int, distiller) -> dict:
         holder["distiller"] = distiller
@@ -113,17 +124,15 @@ def student_row(method, args, command, commit) -> dict:
     result = run_distillation(cfg, eval_fn=eval_fn, eval_every_steps=args.curve_every)
     train_seconds = time.perf_counter() - t0
     holder["distiller"] = result["distiller"]
-    res = compute_fid(gen_fn, "digits", det, num_images=args.num_images, num_classes=10, progress=False)
-    imgs = generate_images(gen_fn, args.num_images, num_classes=10, progress=False)
-    acc = class_accuracy(imgs, torch.arange(args.num_images) % 10)["class_accuracy"]
+    ev = evaluate_generator(gen_fn, "digits", det, num_images=args.num_images, num_classes=10, progress=False)
     gen = result["distiller"].generator_for_export()
-    teacher = result["distiller"].teacher
-    ips = images_per_second(lambda z, y: gen(z, teacher.encode_conditions(y)))
-    curve.append([cfg.train.max_steps, round(res.fid, 3)])
-    row = {"benchmark": NAME, "teacher": "digits", "method": result["distiller"].name if isinstance(
-        getattr(result["distiller"], "name", None), str) else method, "nfe": gen.num_steps,
-           "fid": round(res.fid, 3), "fid_detector": "digits-classifier", "metric": res.metric,
-           "n_samples": args.num_images, "class_accuracy": round(acc, 4), "images_per_s": round(ips, 1),
+    gen = gen[0] if isinstance(gen, list) else gen
+    with torch.no_grad():
+        ips = images_per_second(lambda z, y: student_forward(result["distiller"], z, y))
+    curve.append([cfg.train.max_steps, round(ev["fid"], 3)])
+    row = {"benchmark": NAME, "teacher": "digits", "method": method.replace("_", "-"), "nfe": gen.num_steps,
+           "fid": round(ev["fid"], 3), "fid_detector": "digits-classifier", "metric": ev["metric"],
+           "n_samples": args.num_images, "class_accuracy": round(ev["class_accuracy"], 4), "images_per_s": round(ips, 1),
            "train_steps": cfg.train.max_steps, "train_seconds": round(train_seconds, 1),
            "curve": curve, "commit": commit, "command": command}
     print(json.dumps({k: v for k, v in row.items() if k != "curve"}), flush=True)
@@ -169,20 +178,20 @@ def main(argv=None) -> int:
     commit = git_commit()
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{NAME}.json"
-    old = json.loads(path.read_text()) if path.exists() else []
 
     from stepdistill.run import ensure_embedded_teacher
     from stepdistill.teachers.diffusion import DiffusersTeacher
 
     teacher = DiffusersTeacher.from_pretrained(ensure_embedded_teacher())
-    rows = [r for r in old if r["method"].startswith("teacher")] if args.skip_teacher else \
-        teacher_rows(teacher, args, command, commit)
+    fresh_teacher = [] if args.skip_teacher else teacher_rows(teacher, args, command, commit)
     methods = [] if args.teacher_only else args.methods
     new = [student_row(m, args, command, commit) for m in methods]
+    # merge with the file as it is *now* (other benchmark processes may have written meanwhile)
+    old = json.loads(path.read_text()) if path.exists() else []
     done = {r["method"] for r in new}
-    keep = [r for r in old if not r["method"].startswith("teacher") and r["method"] not in done
-            and r["method"] not in [f"disback-{m}" for m in methods]]
-    rows = rows + keep + new
+    keep = [r for r in old if not (r["method"].startswith("teacher") and fresh_teacher) and r["method"] not in done]
+    rows = fresh_teacher + keep + new
+    rows.sort(key=lambda r: (not r["method"].startswith("teacher"), r["method"], r["nfe"]))
     teacher_best = min(r["fid"] for r in rows if r["method"].startswith("teacher"))
     t50 = [r for r in rows if r["method"] == "teacher-ddim" and r["nfe"] == 50]
     for r in rows:
