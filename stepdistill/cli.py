@@ -44,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default="runs/demo", help="run folder (default: runs/demo)")
     p.add_argument("--preset", default="digits/dmd2", help="distillation preset (default: digits/dmd2)")
     p.add_argument("--num-images", type=int, default=1000, help="images for the FID report (default: 1000)")
+    p.add_argument("--teacher", default=None, help="teacher pipeline folder (default: the cached embedded teacher)")
     _add_overrides(p)
 
     p = sub.add_parser("teacher", help="teacher utilities")
@@ -165,7 +166,8 @@ def _dispatch(parser, args) -> int:
     if args.command == "demo":
         from .demo import run_demo
 
-        report = run_demo(args.output, preset=args.preset, overrides=args.overrides, num_images=args.num_images)
+        report = run_demo(args.output, preset=args.preset, overrides=args.overrides, num_images=args.num_images,
+                          teacher=args.teacher)
         print(json.dumps(report))
         return 0
     if args.command == "eval":

@@ -17,7 +17,7 @@ from pathlib import Path
 
 
 def run_demo(output: str | Path = "runs/demo", preset: str = "digits/dmd2", overrides: list[str] | None = None,
-             num_images: int = 1000) -> dict:
+             num_images: int = 1000, teacher: str | Path | None = None) -> dict:
     from .config import load_config, save_config
     from .eval import compute_fid, evaluate_class_accuracy
     from .run import ensure_embedded_teacher, run_distillation
@@ -26,10 +26,11 @@ def run_demo(output: str | Path = "runs/demo", preset: str = "digits/dmd2", over
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
-    teacher_dir = ensure_embedded_teacher()
+    teacher_dir = Path(teacher) if teacher else ensure_embedded_teacher()
     t_teacher = time.perf_counter() - t_start
 
-    cfg = load_config(preset, [f"train.output_dir={output / 'dmd2'}", *(overrides or [])])
+    cfg = load_config(preset, [f"train.output_dir={output / 'dmd2'}", f"teacher.path={teacher_dir}",
+                               *(overrides or [])])
     save_config(cfg, output / "config.yaml")
     t0 = time.perf_counter()
     result = run_distillation(cfg)

@@ -190,3 +190,14 @@ def test_other_algorithms_train_and_export(teacher_dir, tmp_path, preset, extra)
     assert images.shape[0] == 3
     if "disback" in preset:
         assert len(list((run / "disback_nodes").glob("node-*.safetensors"))) == 2
+
+
+def test_demo_end_to_end_small(teacher_dir, tmp_path, capsys):
+    out = tmp_path / "demo"
+    argv = ["demo", "--output", str(out), "--teacher", str(teacher_dir), "--num-images", "50",
+            *_dmd2_overrides(teacher_dir, out / "dmd2")[1:]]
+    assert main(argv) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["student"]["nfe"] == 1 and report["student"]["fid"] > 0 and report["teacher"]["fid"] > 0
+    assert (out / "samples.png").exists()
+    assert "FID-digits-N50" in capsys.readouterr().out
