@@ -185,12 +185,25 @@ def main(argv=None) -> int:
     teacher = DiffusersTeacher.from_pretrained(ensure_embedded_teacher())
     fresh_teacher = [] if args.skip_teacher else teacher_rows(teacher, args, command, commit)
     methods = [] if args.teacher_only else args.methods
-    new = [student_row(m, args, command, commit) for m in methods]
-    # merge with the file as it is *now* (other benchmark processes may have written meanwhile)
+    new: list[dict] = []
+    rows = _merge(path, fresh_teacher, new)
+    for m in methods:  # write after every method, so a long run keeps what it has measured
+        new.append(student_row(m, args, command, commit))
+        rows = _merge(path, fresh_teacher, new)
+        _finish(path, rows)
+    _finish(path, rows)
+    return 0
+
+
+def _merge(path: Path, fresh_teacher: list[dict], new: list[dict]) -> list[dict]:
+    """Merge with the file as it is *now* (other benchmark processes may have written meanwhile)."""
     old = json.loads(path.read_text()) if path.exists() else []
     done = {r["method"] for r in new}
     keep = [r for r in old if not (r["method"].startswith("teacher") and fresh_teacher) and r["method"] not in done]
-    rows = fresh_teacher + keep + new
+    return fresh_teacher + keep + new
+
+
+def _finish(path: Path, rows: list[dict]) -> None:
     rows.sort(key=lambda r: (not r["method"].startswith("teacher"), r["method"], r["nfe"]))
     teacher_best = min(r["fid"] for r in rows if r["method"].startswith("teacher"))
     t50 = [r for r in rows if r["method"] == "teacher-ddim" and r["nfe"] == 50]
@@ -201,8 +214,7 @@ def main(argv=None) -> int:
     path.write_text(json.dumps(rows, indent=1))
     plot(rows)
     subprocess.run([sys.executable, str(ROOT / "make_tables.py")], check=False)
-    print(f"wrote {path}")
-    return 0
+    print(f"wrote {path}", flush=True)
 
 
 if __name__ == "__main__":
