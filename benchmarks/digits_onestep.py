@@ -139,6 +139,46 @@ def student_row(method, args, command, commit) -> dict:
     return row
 
 
+def rescore_row(method, args, command, commit) -> dict:
+    """Row for a finished run folder (``--rescore``): latest checkpoint, curve from its log.jsonl,
+    training time from file times (config written at start -> last checkpoint)."""
+    from stepdistill.algorithms import build
+    from stepdistill.config import load_config
+    from stepdistill.eval import evaluate_generator
+    from stepdistill.run import build_teacher
+    from stepdistill.training import latest_checkpoint, load_checkpoint_weights
+
+    run = Path(args.work_dir) / method
+    cfg = load_config(str(run / "config.yaml"))
+    distiller = build(cfg.algorithm.name, build_teacher(cfg.teacher), cfg.algorithm.params)
+    ckpt = latest_checkpoint(run)
+    for group, module in distiller.trainable().items():
+        if group.endswith("generator"):
+            module.load_state_dict(load_checkpoint_weights(ckpt, group))
+    step = int(ckpt.name.split("-")[-1])
+
+    def gen_fn(gens, labels):
+        z = noise_from(gens, (1, 8, 8))
+        with torch.no_grad():
+            return to_uint8(student_forward(distiller, z, labels))
+
+    ev = evaluate_generator(gen_fn, "digits", "digits", num_images=args.num_images, num_classes=10, progress=False)
+    gen = distiller.generator_for_export()
+    gen = gen[0] if isinstance(gen, list) else gen
+    with torch.no_grad():
+        ips = images_per_second(lambda z, y: student_forward(distiller, z, y))
+    curve = [[r["step"], round(r["eval/fid"], 3)] for r in map(json.loads, (run / "log.jsonl").read_text().splitlines())
+             if "eval/fid" in r]
+    curve.append([step, round(ev["fid"], 3)])
+    seconds = ckpt.stat().st_mtime - (run / "config.yaml").stat().st_mtime
+    return {"benchmark": NAME, "teacher": "digits", "method": method.replace("_", "-"), "nfe": gen.num_steps,
+            "fid": round(ev["fid"], 3), "fid_detector": "digits-classifier", "metric": ev["metric"],
+            "n_samples": args.num_images, "class_accuracy": round(ev["class_accuracy"], 4),
+            "images_per_s": round(ips, 1), "train_steps": step, "train_seconds": round(seconds, 1), "curve": curve,
+            "commit": commit, "command": command,
+            "notes": "rescored from its run folder (the benchmark process was stopped after training)"}
+
+
 def plot(rows: list[dict]) -> None:
     import matplotlib
 
@@ -173,6 +213,7 @@ def main(argv=None) -> int:
     p.add_argument("--curve-every", type=int, default=200)
     p.add_argument("--work-dir", default="runs/bench-digits")
     p.add_argument("--override", action="append", default=[], help="config override for every student run")
+    p.add_argument("--rescore", nargs="*", default=[], help="score finished run folders WORK_DIR/METHOD instead of training")
     args = p.parse_args(argv)
     command = "python benchmarks/digits_onestep.py " + " ".join(argv if argv is not None else sys.argv[1:])
     commit = git_commit()
@@ -184,9 +225,13 @@ def main(argv=None) -> int:
 
     teacher = DiffusersTeacher.from_pretrained(ensure_embedded_teacher())
     fresh_teacher = [] if args.skip_teacher else teacher_rows(teacher, args, command, commit)
-    methods = [] if args.teacher_only else args.methods
+    methods = [] if args.teacher_only or args.rescore else args.methods
     new: list[dict] = []
     rows = _merge(path, fresh_teacher, new)
+    for m in args.rescore:
+        new.append(rescore_row(m, args, command, commit))
+        rows = _merge(path, fresh_teacher, new)
+        _finish(path, rows)
     for m in methods:  # write after every method, so a long run keeps what it has measured
         new.append(student_row(m, args, command, commit))
         rows = _merge(path, fresh_teacher, new)
