@@ -125,10 +125,11 @@ def _dispatch(parser, args) -> int:
         if args.teacher_command != "train":
             parser.parse_args(["teacher", "--help"])
             return 2
-        from .run import run_teacher_training
+        from .run import run_ar_teacher_training, run_teacher_training
 
         cfg = load_config(_teacher_preset(args.preset), args.overrides)
-        out = run_teacher_training(cfg, args.output)
+        trainer = run_ar_teacher_training if cfg.teacher.kind == "ar" else run_teacher_training
+        out = trainer(cfg, args.output)
         print(f"teacher pipeline written to {out}")
         return 0
     if args.command == "train":
@@ -141,9 +142,10 @@ def _dispatch(parser, args) -> int:
 
             print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
             return 0
-        from .run import run_distillation
+        from .run import run_ar_distillation, run_distillation
 
-        result = run_distillation(cfg, export=not args.no_export)
+        runner = run_ar_distillation if cfg.teacher.kind == "ar" else run_distillation
+        result = runner(cfg, export=not args.no_export)
         save_config(cfg, Path(cfg.train.output_dir) / "config.yaml")
         if "pipeline" in result:
             print(f"pipeline written to {result['pipeline']}")
@@ -157,10 +159,12 @@ def _dispatch(parser, args) -> int:
         print(f"wrote {path}")
         return 0
     if args.command == "export":
-        from .run import export_run
+        from .run import export_ar_run, export_run
 
-        out = export_run(args.run, args.output, checkpoint=args.checkpoint, use_ema=not args.no_ema,
-                         overwrite=args.overwrite)
+        run_cfg = Path(args.run) / "config.yaml"
+        is_ar = run_cfg.exists() and load_config(str(run_cfg)).teacher.kind == "ar"
+        out = (export_ar_run if is_ar else export_run)(args.run, args.output, checkpoint=args.checkpoint,
+                                                       use_ema=not args.no_ema, overwrite=args.overwrite)
         print(f"pipeline written to {out}")
         return 0
     if args.command == "demo":

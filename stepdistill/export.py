@@ -907,3 +907,189 @@ def _compact_ranges(values: list[int]) -> str:
     if start is not None:
         parts.append(f"{start}-{prev}" if prev > start else f"{start}")
     return ", ".join(parts)
+
+
+# =============================================================================================
+# Autoregressive teachers and Distilled Decoding students (stepdistill.teachers.autoregressive,
+# stepdistill.algorithms.distilled_decoding).  Self-contained pipelines: pipelines/ar_image.py and
+# pipelines/distilled_decoding.py are copied into the folder by their save_pretrained.
+
+
+def _ar_card(title: str, lines: list[str], snippet: str, metrics: dict | None, extra: dict | None) -> str:
+    card = [
+        "---",
+        "library_name: diffusers",
+        "pipeline_tag: unconditional-image-generation",
+        "tags:",
+        "- diffusers",
+        "- stepdistill",
+        "- autoregressive",
+        "---",
+        "",
+        f"# {title}",
+        "",
+        *lines,
+        "",
+        "## Usage",
+        "",
+        "```python",
+        snippet,
+        "```",
+        "",
+        "## Metrics",
+        "",
+    ]
+    if metrics:
+        card += ["| metric | value |", "|---|---|"] + [f"| {k} | {_fmt(v)} |" for k, v in metrics.items()]
+    else:
+        card.append("No metrics were recorded at export time.")
+    if extra:
+        card += ["", "## Training details", "", "```json", json.dumps(_jsonable(extra), indent=2, default=str), "```"]
+    card.append("")
+    return "\n".join(card)
+
+
+def export_ar_teacher_pipeline(
+    teacher,
+    output_dir: str | Path,
+    *,
+    overwrite: bool = False,
+    metrics: dict | None = None,
+    extra: dict | None = None,
+) -> Path:
+    """Write an :class:`~stepdistill.teachers.autoregressive.ARTeacher` as a self-contained
+    ``ARImagePipeline`` folder (``ar_image.py`` copied in, list-form ``_class_name``); loads with
+    ``DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`` and
+    ``ARTeacher.from_pretrained(folder)``."""
+    import diffusers
+
+    out = Path(output_dir).expanduser().absolute()
+    snippet = (
+        "import torch\n"
+        "from diffusers import DiffusionPipeline\n\n"
+        f'pipe = DiffusionPipeline.from_pretrained("{out}", trust_remote_code=True)\n'
+        f"images = pipe(class_labels=[0, 1, 2, 3], guidance_scale={teacher.guidance_scale}, "
+        "generator=torch.Generator().manual_seed(0)).images"
+    )
+    meta = {
+        "format": 1,
+        "kind": "teacher",
+        "pipeline": "ARImagePipeline",
+        "num_classes": teacher.num_classes,
+        "codebook_size": teacher.codebook_size,
+        "embed_dim": teacher.embed_dim,
+        "grid_size": list(teacher.grid_size),
+        "token_order": teacher.token_order,
+        "sampling": teacher.settings(),
+        "metrics": _jsonable(metrics or {}),
+        "extra": _jsonable(extra or {}),
+        "loading_snippet": snippet,
+        "diffusers_version": diffusers.__version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    h, w = teacher.grid_size
+    lines = [
+        f"A class-conditional autoregressive image model: a diffusers `VQModel` tokenizer ({teacher.codebook_size} "
+        f"codes of dimension {teacher.embed_dim}, a {h}x{w} token grid in raster order) and a transformers "
+        f"`LlamaForCausalLM` over {teacher.codebook_size} codes + {teacher.num_classes} class tokens + a null "
+        "class token (classifier-free guidance).",
+        "",
+        f"Default sampling: {teacher.settings()}. `ar_image.py` (in this folder) holds the pipeline class.",
+    ]
+    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+        teacher.to_pipeline().save_pretrained(str(tmp), safe_serialization=True)
+        _write_metadata(tmp, meta, _ar_card("Autoregressive (VQ + causal LM) teacher", lines, snippet, metrics, extra))
+    return out
+
+
+def export_dd_pipeline(
+    student,
+    teacher,
+    output_dir: str | Path,
+    *,
+    algorithm: str = "dd",
+    paper: str = "",
+    metrics: dict | None = None,
+    extra: dict | None = None,
+    use_ema_state: dict | None = None,
+    overwrite: bool = False,
+    num_inference_steps: int = 1,
+) -> Path:
+    """Write a Distilled Decoding student (:class:`~stepdistill.algorithms.distilled_decoding.DDStudent`)
+    with its teacher's tokenizer as a self-contained ``DistilledDecodingPipeline`` folder.
+
+    ``use_ema_state``: the student's EMA ``state_dict()`` (``transformer.``-prefixed keys), exported
+    instead of the live weights.  The pipeline reproduces ``student(noise, labels, num_steps)``."""
+    import diffusers
+
+    from stepdistill.pipelines.distilled_decoding import DistilledDecodingPipeline
+
+    net = _unwrap(student.transformer)
+    if use_ema_state is not None:
+        net = copy.deepcopy(net)
+        state = {k[len("transformer."):]: v for k, v in use_ema_state.items() if k.startswith("transformer.")}
+        if not state:
+            state = dict(use_ema_state)
+        missing, unexpected = net.load_state_dict(state, strict=False)
+        real_missing = [k for k in missing if not k.endswith("rotary_emb.inv_freq")]
+        if real_missing or unexpected:
+            raise ExportError(
+                f"use_ema_state does not match the DD student: missing {real_missing[:3]}, unexpected {unexpected[:3]}"
+            )
+    net = _fp32(net)
+    out = Path(output_dir).expanduser().absolute()
+    steps = int(num_inference_steps)
+    if not 1 <= steps <= len(student.split_points):
+        raise ExportError(f"num_inference_steps must be in 1..{len(student.split_points)}, got {steps}")
+    snippet = (
+        "import torch\n"
+        "from diffusers import DiffusionPipeline\n\n"
+        f'pipe = DiffusionPipeline.from_pretrained("{out}", trust_remote_code=True)\n'
+        f"images = pipe(class_labels=[0, 1, 2, 3], num_inference_steps={steps}, "
+        "generator=torch.Generator().manual_seed(0)).images"
+    )
+    meta = {
+        "format": 1,
+        "algorithm": algorithm,
+        "paper": paper,
+        "teacher": getattr(teacher, "path", None) or type(teacher).__name__,
+        "pipeline": "DistilledDecodingPipeline",
+        "num_classes": student.num_classes,
+        "grid_size": list(student.grid_size),
+        "split_points": list(student.split_points),
+        "codebook_scale": student.codebook_scale,
+        "rbf_tau": getattr(student, "rbf_tau", None),
+        "teacher_sampling": teacher.settings() if hasattr(teacher, "settings") else None,
+        "ema": use_ema_state is not None,
+        "metrics": _jsonable(metrics or {}),
+        "extra": _jsonable(extra or {}),
+        "loading_snippet": snippet,
+        "diffusers_version": diffusers.__version__,
+        "torch_version": torch.__version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    lines = [
+        f"A Distilled Decoding student ({paper or algorithm}) of an autoregressive VQ + causal-LM teacher: "
+        f"the {student.num_tokens} image tokens come from one forward pass "
+        f"(or {len(student.split_points)} with split points {list(student.split_points)}) over per-token "
+        "Gaussian noise in codebook space, instead of one pass per token.",
+        "",
+        f"Teacher sampling distilled: {meta['teacher_sampling']}. `distilled_decoding.py` (in this folder) "
+        "holds the pipeline class; pass `noise=` (B, n, d) to reproduce a given trajectory.",
+    ]
+    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+        pipe = DistilledDecodingPipeline(
+            vqvae=_fp32(teacher.vqvae),
+            transformer=net,
+            num_classes=student.num_classes,
+            codebook_size=teacher.codebook_size,
+            embed_dim=int(student.codes.shape[1]),
+            grid_size=list(student.grid_size),
+            codebook_scale=student.codebook_scale,
+            split_points=list(student.split_points),
+            num_inference_steps=steps,
+            rbf_tau=getattr(student, "rbf_tau", None),
+        )
+        pipe.save_pretrained(str(tmp), safe_serialization=True)
+        _write_metadata(tmp, meta, _ar_card(f"{algorithm} student (Distilled Decoding)", lines, snippet, metrics, extra))
+    return out

@@ -15,12 +15,12 @@ import pytest
 import torch
 from diffusers import DDPMScheduler, StableDiffusionPipeline
 from safetensors import safe_open
-from stepdistill.pipelines.class_conditional import ClassConditionalPipeline
-from stepdistill.pipelines.one_step import OneStepPipeline
 from torch import nn
 
 from stepdistill import export as export_mod
 from stepdistill.export import ExportError, export_generator, export_teacher_pipeline
+from stepdistill.pipelines.class_conditional import ClassConditionalPipeline
+from stepdistill.pipelines.one_step import OneStepPipeline
 from stepdistill.students import Generator
 from stepdistill.teachers.analytic import GaussianMixtureTeacher
 from stepdistill.teachers.diffusion import DiffusersTeacher

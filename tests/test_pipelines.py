@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DDPMScheduler, LCMScheduler
+
 from stepdistill.pipelines.class_conditional import ClassConditionalPipeline
 from stepdistill.pipelines.one_step import OneStepPipeline
-
 from stepdistill.students import Generator
 from stepdistill.teachers.diffusion import DiffusersTeacher
 from stepdistill.testing import tiny_unet2d

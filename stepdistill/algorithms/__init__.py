@@ -26,4 +26,4 @@ def build(name: str, teacher, params: dict | None = None) -> Distiller:
 __all__ = ["REGISTRY", "Distiller", "LossOutput", "build", "register"]
 
 # explicit registry: importing the algorithm modules registers them
-from . import boot, disback, dmd2, msd, vsd  # noqa: E402,F401
+from . import boot, disback, distilled_decoding, dmd2, msd, vsd  # noqa: E402,F401

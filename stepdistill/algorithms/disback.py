@@ -24,7 +24,6 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from ..teachers.base import Cond, DiffusionTeacher

@@ -28,7 +28,6 @@ from . import REGISTRY, register
 from .base import Distiller, LossOutput
 from .common import denoising_weight, teacher_pairs
 
-
 # ---------------------------------------------------------------------------------------------
 # partitions
 

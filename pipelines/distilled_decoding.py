@@ -1,0 +1,347 @@
+"""Distilled Decoding (DD1) pipeline: one- or two-step generation with a distilled AR image model.
+
+Self-contained on purpose: this file imports only torch, numpy, PIL and diffusers (transformers is
+needed by diffusers to load the ``transformer`` component), so it can be copied next to exported
+weights and loaded by plain diffusers::
+
+    import torch
+    from diffusers import DiffusionPipeline
+    pipe = DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)
+    images = pipe(class_labels=[0, 1, 2], num_inference_steps=1,
+                  generator=torch.Generator().manual_seed(0)).images
+
+What the student computes (Liu et al. 2025, "Distilled Decoding 1", §2.4-2.6 of the package's
+research notes).  Noise ``eps`` has one ``d``-dimensional Gaussian vector per image token
+(``d`` = codebook dimension); the flow space is the VQ codebook scaled by ``codebook_scale``.
+The student is a stock ``LlamaForCausalLM`` whose embedding table holds, after the teacher's rows
+(``[0, V)`` codes, ``V + c`` classes, ``V + num_classes`` null class), ``d`` *basis rows* and 2
+*indicator rows* (0 = noise position, 1 = data position).  The input sequence is
+``[class token, x_1, ..., x_n]`` with ``embed(x_i) = x_i @ E[basis] + E[indicator_i]``, given as
+``inputs_embeds``; attention is causal and the output at ``x_i``'s position gives the logits of
+token ``i`` (``q_i`` depends only on ``eps_i`` and ``q_{<i}``).  With split points
+``[0, t_2, ...]``:
+
+* step 1: all positions hold noise; tokens = argmax of the logits;
+* step k > 1: positions ``< t_k`` hold the codebook vectors (flow space) of the tokens predicted
+  so far (indicator "data"), positions ``>= t_k`` hold the *same* noise again; the predictions at
+  ``>= t_k`` replace the previous ones.
+
+Tokens are decoded by the VQ decoder.  ``dd_generate`` is also what the training-time student
+(``stepdistill.algorithms.distilled_decoding.DDStudent``) calls, so for the same noise the pipeline
+returns the training-time tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+import torch
+from diffusers import DiffusionPipeline, ImagePipelineOutput
+from PIL import Image
+
+__all__ = [
+    "DistilledDecodingPipeline",
+    "dd_layout",
+    "dd_input_embeds",
+    "dd_logits",
+    "dd_generate",
+    "draw_noise",
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# the student's computation (shared with training)
+
+
+def dd_layout(codebook_size: int, num_classes: int, embed_dim: int, rbf_tau: float | None = None) -> dict:
+    """Row offsets of the student's embedding table (and the optional RBF input feature width)."""
+    basis = codebook_size + num_classes + 1
+    return {
+        "rbf_tau": None if rbf_tau is None else float(rbf_tau),
+        "codebook_size": int(codebook_size),
+        "num_classes": int(num_classes),
+        "embed_dim": int(embed_dim),
+        "class_offset": int(codebook_size),
+        "basis_offset": int(basis),
+        "indicator_offset": int(basis + embed_dim),
+        "vocab_size": int(basis + embed_dim + 2),
+    }
+
+
+def dd_input_embeds(
+    transformer, x: torch.Tensor, labels: torch.Tensor, is_data: torch.Tensor, layout: dict, codes=None
+):
+    """``[class, x_1..x_n]`` -> ``inputs_embeds`` (B, n + 1, D); ``x`` (B, n, d) in flow space.
+
+    ``embed(x) = x @ E[basis] + E[indicator]``, plus, when ``layout["rbf_tau"]`` is set, the
+    codebook-RBF feature ``softmax_j(-||x - c_j||^2 / (2 tau^2)) @ E[codes]`` (``codes`` (V, d) in
+    flow space): a data position (``x = c_q``) then reads about the teacher's own token embedding
+    ``E[q]``, a noise position a soft mixture of the embeddings of the codes near it."""
+    table = transformer.get_input_embeddings().weight
+    d = layout["embed_dim"]
+    cls = table[labels.long() + layout["class_offset"]]
+    basis = table[layout["basis_offset"] : layout["basis_offset"] + d]
+    indicator = table[layout["indicator_offset"] + is_data.long()]
+    x = x.to(table.dtype)
+    h = x @ basis + indicator
+    tau = layout.get("rbf_tau")
+    if tau:
+        if codes is None:
+            raise ValueError("the RBF input feature needs the flow-space codebook (codes=...)")
+        c = codes.to(table.dtype)
+        d2 = (x.pow(2).sum(-1, keepdim=True) - 2 * x @ c.T + c.pow(2).sum(-1)).clamp_min(0)
+        h = h + torch.softmax(-d2 / (2 * tau * tau), -1) @ table[: layout["codebook_size"]]
+    return torch.cat([cls[:, None, :], h], 1)
+
+
+def dd_logits(
+    transformer, x: torch.Tensor, labels: torch.Tensor, is_data: torch.Tensor, layout: dict, codes=None
+):
+    """Codebook logits (B, n, V): position ``i`` predicts token ``i``."""
+    embeds = dd_input_embeds(transformer, x, labels, is_data, layout, codes)
+    out = transformer(inputs_embeds=embeds, use_cache=False)
+    logits = out.logits if hasattr(out, "logits") else out[0]
+    return logits[:, 1:, : layout["codebook_size"]]
+
+
+def dd_step_inputs(noise: torch.Tensor, codes: torch.Tensor, tokens: torch.Tensor | None, split: int):
+    """Inputs of a step with split point ``split``: data (codebook vectors of ``tokens``) before it,
+    the original noise from it on.  Returns ``(x, is_data)``."""
+    b, n, _ = noise.shape
+    is_data = torch.zeros(b, n, dtype=torch.bool, device=noise.device)
+    if split <= 0 or tokens is None:
+        return noise, is_data
+    x = noise.clone()
+    x[:, :split] = codes[tokens[:, :split].long()].to(noise.dtype)
+    is_data[:, :split] = True
+    return x, is_data
+
+
+def dd_generate(
+    transformer,
+    codes: torch.Tensor,
+    noise: torch.Tensor,
+    labels: torch.Tensor,
+    split_points,
+    layout: dict,
+    num_steps: int | None = None,
+) -> torch.Tensor:
+    """Tokens (B, n) from noise (B, n, d) in ``num_steps`` student passes (default: all split points).
+
+    ``codes`` (V, d) is the codebook in flow space (VQ codebook x ``codebook_scale``).
+    """
+    split_points = [int(s) for s in split_points]
+    k = len(split_points) if num_steps is None else int(num_steps)
+    if not 1 <= k <= len(split_points):
+        raise ValueError(
+            f"num_inference_steps must be in 1..{len(split_points)} (split points {split_points}), got {k}"
+        )
+    if split_points[0] != 0:
+        raise ValueError(f"the first split point must be 0, got {split_points}")
+    tokens = None
+    for step in range(k):
+        split = split_points[step]
+        x, is_data = dd_step_inputs(noise, codes, tokens, split)
+        pred = dd_logits(transformer, x, labels, is_data, layout, codes).argmax(-1)
+        tokens = pred if tokens is None else torch.cat([tokens[:, :split], pred[:, split:]], 1)
+    return tokens
+
+
+def draw_noise(generator, batch: int, num_tokens: int, embed_dim: int, device, dtype=torch.float32):
+    """Unit Gaussian noise (B, n, d): one ``(n, d)`` draw from each generator of a list (per-image,
+    batch-independent), or one ``(B, n, d)`` draw from a single generator."""
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != batch:
+            raise ValueError(f"got {len(generator)} generators for {batch} images; pass one per image")
+        z = torch.stack([torch.randn(num_tokens, embed_dim, generator=g, device=g.device) for g in generator])
+    else:
+        gdev = generator.device if generator is not None else device
+        z = torch.randn(batch, num_tokens, embed_dim, generator=generator, device=gdev)
+    return z.to(device=device, dtype=dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers duplicated from ar_image.py (this file must stand alone)
+
+
+def _decode_tokens(vqvae, tokens: torch.Tensor, grid_size) -> torch.Tensor:
+    h, w = int(grid_size[0]), int(grid_size[1])
+    emb = vqvae.quantize.embedding.weight
+    quant = emb[tokens.reshape(-1).long()].reshape(tokens.shape[0], h, w, emb.shape[1]).permute(0, 3, 1, 2)
+    out = vqvae.decode(quant.contiguous(), force_not_quantize=True, return_dict=False)
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _class_labels(class_labels, batch_size: int, num_images_per_prompt: int, num_classes: int, device):
+    if class_labels is None:
+        labels = torch.arange(batch_size) % num_classes
+    else:
+        labels = torch.as_tensor(class_labels, dtype=torch.long).reshape(-1)
+    if labels.numel() == 0:
+        raise ValueError("class_labels is empty")
+    if labels.min() < 0 or labels.max() > num_classes:
+        raise ValueError(f"class labels must lie in [0, {num_classes}], got {labels.tolist()}")
+    return labels.repeat_interleave(num_images_per_prompt).to(device)
+
+
+def _to_images(x: torch.Tensor, output_type: str):
+    image = (x.float() / 2 + 0.5).clamp(0, 1)
+    if output_type == "pt":
+        return image
+    array = image.detach().cpu().permute(0, 2, 3, 1).numpy()
+    if output_type == "np":
+        return array
+    if output_type != "pil":
+        raise ValueError(f"output_type must be 'pil', 'np', 'pt' or 'tokens', got {output_type!r}")
+    uint8 = (array * 255).round().astype(np.uint8)
+    if uint8.shape[-1] == 1:
+        return [Image.fromarray(a[..., 0]) for a in uint8]
+    return [Image.fromarray(a) for a in uint8]
+
+
+# ---------------------------------------------------------------------------------------------
+# the pipeline
+
+
+class DistilledDecodingPipeline(DiffusionPipeline):
+    r"""One-/few-step sampler of a Distilled Decoding student.
+
+    Components:
+        vqvae ([`VQModel`]): the teacher's tokenizer (codebook and decoder).
+        transformer ([`~transformers.LlamaForCausalLM`]): the student (see the module docstring).
+
+    Config (``model_index.json``): ``num_classes``, ``codebook_size``, ``embed_dim`` (d),
+    ``grid_size`` ([h, w], raster order), ``codebook_scale`` (flow space = codebook x scale),
+    ``split_points`` (training-time split points, ``[0]`` or ``[0, t_2, ...]``),
+    ``num_inference_steps`` (default number of passes) and ``rbf_tau`` (width of the optional
+    codebook-RBF input feature; ``null`` = DD's plain linear input layer).
+    """
+
+    model_cpu_offload_seq = "transformer->vqvae"
+
+    def __init__(
+        self,
+        vqvae,
+        transformer,
+        num_classes: int = 10,
+        codebook_size: int | None = None,
+        embed_dim: int | None = None,
+        grid_size: list[int] | None = None,
+        codebook_scale: float = 1.0,
+        split_points: list[int] | None = None,
+        num_inference_steps: int = 1,
+        rbf_tau: float | None = None,
+    ):
+        super().__init__()
+        self.register_modules(vqvae=vqvae, transformer=transformer)
+        if vqvae is not None:
+            if codebook_size is None:
+                codebook_size = int(vqvae.config.num_vq_embeddings)
+            if embed_dim is None:
+                embed_dim = int(vqvae.quantize.embedding.weight.shape[1])
+            if grid_size is None:
+                down = 2 ** (len(vqvae.config.block_out_channels) - 1)
+                grid_size = [int(vqvae.config.sample_size) // down] * 2
+        self.register_to_config(
+            num_classes=int(num_classes),
+            codebook_size=None if codebook_size is None else int(codebook_size),
+            embed_dim=None if embed_dim is None else int(embed_dim),
+            grid_size=None if grid_size is None else [int(g) for g in grid_size],
+            codebook_scale=float(codebook_scale),
+            split_points=[int(s) for s in (split_points or [0])],
+            num_inference_steps=int(num_inference_steps),
+            rbf_tau=None if rbf_tau is None else float(rbf_tau),
+        )
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """``DiffusionPipeline.save_pretrained`` plus this file as ``distilled_decoding.py`` and the
+        list-form ``_class_name``, so the folder loads with ``DiffusionPipeline.from_pretrained(folder,
+        trust_remote_code=True)``."""
+        out = super().save_pretrained(save_directory, *args, **kwargs)
+        if type(self) is DistilledDecodingPipeline:
+            target = os.path.join(save_directory, "distilled_decoding.py")
+            source = os.path.abspath(__file__)
+            if os.path.abspath(target) != source:
+                shutil.copyfile(source, target)
+            index_file = os.path.join(save_directory, "model_index.json")
+            with open(index_file, encoding="utf-8") as f:
+                index = json.load(f)
+            index["_class_name"] = ["distilled_decoding", "DistilledDecodingPipeline"]
+            with open(index_file, "w", encoding="utf-8") as f:
+                json.dump(index, f, indent=2, sort_keys=True)
+                f.write("\n")
+        return out
+
+    @classmethod
+    def load_config(cls, *args, **kwargs):
+        """Loading a folder with this class directly uses this class (no remote code needed)."""
+        out = super().load_config(*args, **kwargs)
+        config = out[0] if isinstance(out, tuple) else out
+        if cls is not DiffusionPipeline and isinstance(config.get("_class_name"), (list, tuple)):
+            config["_class_name"] = cls.__name__
+        return out
+
+    @property
+    def layout(self) -> dict:
+        c = self.config
+        return dd_layout(c.codebook_size, c.num_classes, c.embed_dim, c.get("rbf_tau"))
+
+    @property
+    def num_tokens(self) -> int:
+        h, w = self.config.grid_size
+        return int(h) * int(w)
+
+    def flow_codebook(self) -> torch.Tensor:
+        """(V, d) codebook in flow space (the student's data inputs)."""
+        return self.vqvae.quantize.embedding.weight * float(self.config.codebook_scale)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        class_labels: int | list[int] | torch.Tensor | None = None,
+        batch_size: int = 1,
+        num_inference_steps: int | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        noise: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        num_images_per_prompt: int = 1,
+    ):
+        r"""Generate images in one (or a few) forward passes.
+
+        Args:
+            class_labels: class ids; ``None`` gives ``batch_size`` images of classes ``0, 1, 2, ...``.
+            num_inference_steps: number of student passes, ``1 .. len(split_points)`` (default: the
+                config's ``num_inference_steps``).
+            generator: a ``torch.Generator`` or one per image; draws the (B, n, d) noise.
+            noise: explicit unit noise (B, n, d) instead of drawing it.
+            output_type: ``"pil"``, ``"np"``, ``"pt"`` or ``"tokens"`` (the (B, n) token indices).
+        """
+        cfg = self.config
+        device = self._execution_device
+        labels = _class_labels(class_labels, batch_size, num_images_per_prompt, cfg.num_classes, device)
+        b = labels.shape[0]
+        dtype = self.transformer.dtype
+        if noise is None:
+            noise = draw_noise(generator, b, self.num_tokens, cfg.embed_dim, device, torch.float32)
+        else:
+            expected = (b, self.num_tokens, cfg.embed_dim)
+            if tuple(noise.shape) != expected:
+                raise ValueError(f"noise must have shape {expected}, got {tuple(noise.shape)}")
+            noise = noise.to(device=device, dtype=torch.float32)
+        steps = cfg.num_inference_steps if num_inference_steps is None else int(num_inference_steps)
+        codes = self.flow_codebook().to(device=device, dtype=torch.float32)
+        tokens = dd_generate(
+            self.transformer, codes, noise.to(dtype), labels, cfg.split_points, self.layout, steps
+        )
+        if output_type == "tokens":
+            image = tokens
+        else:
+            image = _to_images(_decode_tokens(self.vqvae, tokens, cfg.grid_size), output_type)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (image,)
+        return ImagePipelineOutput(images=image)
