@@ -279,7 +279,7 @@ def test_export_roundtrip_plain_diffusers_subprocess(teacher, tmp_path):
         f"""
         import json, sys, torch
         from diffusers import DiffusionPipeline
-        inp = torch.load({str(tmp_path / "inputs.pt")!r})
+        inp = torch.load({str(tmp_path / "inputs.pt")!r}, weights_only=True)
         out = {{}}
         pipe = DiffusionPipeline.from_pretrained({str(folder)!r}, trust_remote_code=True)
         assert type(pipe).__name__ == "DistilledDecodingPipeline", type(pipe)

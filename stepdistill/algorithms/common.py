@@ -23,7 +23,7 @@ from ..teachers.base import Cond, DiffusionTeacher, append_dims, cond_index
 
 
 class GeneratorTimestepError(ValueError):
-    pass
+    """The generator's conditioning timestep makes the x0 conversion ill-posed (see make_generator)."""
 
 
 def make_generator(teacher: DiffusionTeacher, timesteps: list[int], min_abar: float = 1e-3) -> Generator:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from torch import nn
 
-from ..teachers.base import Cond, DiffusionTeacher
+from ..teachers.base import DelegatingTeacher, DiffusionTeacher
 from . import REGISTRY, register
 from .base import Distiller, LossOutput
 
@@ -44,45 +44,21 @@ class DisBackConfig:
     nodes_dir: str | None = None  # where node weights go; None = <train.output_dir>/disback_nodes
 
 
-class NodeTarget(DiffusionTeacher):
+class NodeTarget(DelegatingTeacher):
     """The teacher with its denoiser swapped for a path node (everything else delegates)."""
 
     def __init__(self, teacher: DiffusionTeacher, node_net: nn.Module):
-        super().__init__()
-        self.teacher = teacher
+        super().__init__(teacher)
         self.node_net = node_net
         self.use_teacher = True
-        self.sigmas = teacher.sigmas
-        self.sample_shape = teacher.sample_shape
-        self.guidance_scale = teacher.guidance_scale
 
-    def __getattr__(self, name):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self.__dict__["_modules"]["teacher"], name)
-
-    def null_condition(self, batch_size: int) -> Cond | None:
-        return self.teacher.null_condition(batch_size)
-
-    def encode_conditions(self, raw):
-        return self.teacher.encode_conditions(raw)
-
-    def random_raw_conditions(self, n, generator=None):
-        return self.teacher.random_raw_conditions(n, generator)
-
-    def noise_to_input(self, z, sigma):
-        return self.teacher.noise_to_input(z, sigma)
-
-    def timestep_value(self, index):
-        return self.teacher.timestep_value(index)
-
-    def decode(self, x0):
-        return self.teacher.decode(x0)
+    @property
+    def teacher(self) -> DiffusionTeacher:
+        return self.inner
 
     def denoise_raw(self, x, sigma, cond):
         if self.use_teacher:
-            return self.teacher.denoise_raw(x, sigma, cond)
+            return self.inner.denoise_raw(x, sigma, cond)
         return self.node_net.denoise_raw(x, sigma, cond)
 
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..teachers.base import DiffusionTeacher, append_dims
+from ..teachers.base import DelegatingTeacher, DiffusionTeacher, append_dims
 from . import REGISTRY, register
 from .base import Distiller, LossOutput
 from .common import denoising_weight, teacher_pairs
@@ -83,48 +83,17 @@ class MSDConfig:
     shared_regression_pairs: int = 0  # pairs shared by all students (not filtered); 0 = base's own setting
 
 
-class _StudentTeacher(DiffusionTeacher):
+class _StudentTeacher(DelegatingTeacher):
     """The real teacher, except that ``trainable_copy`` hands out the (smaller) student network."""
 
     def __init__(self, teacher: DiffusionTeacher, student_net: DiffusionTeacher):
-        super().__init__()
-        self.teacher = teacher
+        super().__init__(teacher)
         self.student_net = student_net
-        self.sigmas = teacher.sigmas
-        self.sample_shape = teacher.sample_shape
-        self.guidance_scale = teacher.guidance_scale
-
-    def __getattr__(self, name):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self.__dict__["_modules"]["teacher"], name)
 
     def trainable_copy(self):
         net = copy.deepcopy(self.student_net)
         net.requires_grad_(True)
         return net
-
-    def null_condition(self, n):
-        return self.teacher.null_condition(n)
-
-    def encode_conditions(self, raw):
-        return self.teacher.encode_conditions(raw)
-
-    def random_raw_conditions(self, n, generator=None):
-        return self.teacher.random_raw_conditions(n, generator)
-
-    def noise_to_input(self, z, sigma):
-        return self.teacher.noise_to_input(z, sigma)
-
-    def timestep_value(self, index):
-        return self.teacher.timestep_value(index)
-
-    def decode(self, x0):
-        return self.teacher.decode(x0)
-
-    def denoise_raw(self, x, sigma, cond):
-        return self.teacher.denoise_raw(x, sigma, cond)
 
 
 def smaller_copy(teacher: DiffusionTeacher, width: float) -> DiffusionTeacher:

@@ -208,6 +208,48 @@ class DiffusionTeacher(nn.Module, ABC):
         return x0
 
 
+class DelegatingTeacher(DiffusionTeacher):
+    """A teacher that forwards everything to ``inner``; subclasses override what they change
+    (DisBack swaps the denoiser for a path node, MSD hands out a smaller trainable network)."""
+
+    def __init__(self, inner: DiffusionTeacher):
+        super().__init__()
+        self.inner = inner
+        self.sigmas = inner.sigmas
+        self.sample_shape = inner.sample_shape
+        self.guidance_scale = inner.guidance_scale
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.__dict__["_modules"]["inner"], name)
+
+    def null_condition(self, batch_size: int) -> Cond | None:
+        return self.inner.null_condition(batch_size)
+
+    def encode_conditions(self, raw):
+        return self.inner.encode_conditions(raw)
+
+    def random_raw_conditions(self, n, generator=None):
+        return self.inner.random_raw_conditions(n, generator)
+
+    def noise_to_input(self, z, sigma):
+        return self.inner.noise_to_input(z, sigma)
+
+    def timestep_value(self, index):
+        return self.inner.timestep_value(index)
+
+    def decode(self, x0):
+        return self.inner.decode(x0)
+
+    def trainable_copy(self):
+        return self.inner.trainable_copy()
+
+    def denoise_raw(self, x, sigma, cond):
+        return self.inner.denoise_raw(x, sigma, cond)
+
+
 def freeze(module: nn.Module) -> nn.Module:
     module.eval()
     module.requires_grad_(False)
