@@ -157,7 +157,14 @@ def load_prompts(prompts: Any) -> list[str] | None:
 
 
 def load_pipeline(folder: str | os.PathLike, device: str | torch.device = "cpu", **kwargs):
-    """``DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`` moved to ``device``."""
+    """``DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`` moved to ``device``.
+
+    ``trust_remote_code=True`` is deliberate: stepdistill's exported class-conditional, multi-student
+    and AR pipelines are self-contained ``.py`` files written next to their weights (so plain diffusers
+    can load them), and diffusers >= 0.38 requires the flag for such folders even when local.  It runs
+    the ``.py`` files in ``folder``: only point this at folders you trust (stock pipelines such as
+    ``StableDiffusionPipeline`` contain no code and are unaffected).
+    """
     from diffusers import DiffusionPipeline
 
     p = Path(folder).expanduser()
