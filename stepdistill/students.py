@@ -80,13 +80,20 @@ class Generator(nn.Module):
 
     def denoise_step(self, x: Tensor, step: int, cond: Cond | None) -> Tensor:
         """x0 from the VE-space sample ``x`` at the generator's ``step``-th timestep (one NFE)."""
-        sigma = self.sigma(step).to(x.device).expand(x.shape[0])
+        index = torch.full((x.shape[0],), self.timesteps[step], dtype=torch.long, device=x.device)
+        return self.denoise_at(x, index, cond)
+
+    def denoise_at(self, x: Tensor, index: Tensor, cond: Cond | None) -> Tensor:
+        """x0 at arbitrary per-sample training timestep indices, with the same boundary condition
+        (time-conditioned students such as BOOT's query the network at many t)."""
+        sigma = self.denoiser.sigmas[index.to(self.denoiser.sigmas.device)].to(x.device)
         x0 = self.denoiser.denoise(x, sigma, cond, guidance_scale=1.0)
         if self.boundary == "lcm":
-            t = torch.tensor(self.denoiser.timestep_value(self.timesteps[step]), dtype=torch.float32)
+            t = torch.tensor([self.denoiser.timestep_value(int(i)) for i in index], dtype=torch.float32,
+                             device=x.device)
             c_skip, c_out = lcm_boundary_scalings(t)
             native = x / append_dims((1 + sigma.to(x.dtype) ** 2).sqrt(), x.ndim)  # VP model input
-            x0 = c_out * x0 + c_skip * native
+            x0 = append_dims(c_out, x.ndim) * x0 + append_dims(c_skip, x.ndim) * native
         return x0
 
     def renoise(self, x0: Tensor, step: int, noise: Tensor) -> Tensor:

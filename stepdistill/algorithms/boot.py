@@ -25,7 +25,6 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..students import lcm_boundary_scalings
 from ..teachers.base import DiffusionTeacher, append_dims
 from . import register
 from .base import Distiller, LossOutput
@@ -77,17 +76,8 @@ class BOOT(Distiller):
     def student(self, eps: torch.Tensor, idx: torch.Tensor, cond) -> torch.Tensor:
         """y_t = g(eps, t, c) at per-sample timestep indices; identical to the exported
         generator's computation when ``idx == query_timestep``."""
-        gen = self.generator
-        den = gen.denoiser
-        sigma = den.sigmas[idx]
-        x = den.noise_to_input(eps, sigma)
-        y = den.denoise(x, sigma, cond, guidance_scale=1.0)
-        if gen.boundary == "lcm":
-            t = torch.tensor([den.timestep_value(int(i)) for i in idx], dtype=torch.float32, device=eps.device)
-            c_skip, c_out = lcm_boundary_scalings(t)
-            native = x / append_dims((1 + sigma**2).sqrt(), x.ndim)
-            y = append_dims(c_out, y.ndim) * y + append_dims(c_skip, y.ndim) * native
-        return y
+        den = self.generator.denoiser
+        return self.generator.denoise_at(den.noise_to_input(eps, den.sigmas[idx]), idx, cond)
 
     def loss(self, batch: dict, step: int, group: str, cache: dict) -> LossOutput:
         c = self.config
