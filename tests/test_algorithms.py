@@ -329,13 +329,14 @@ def test_boot_student_at_query_timestep_is_exported_generator(teacher):
 # DisBack
 
 
-def _run_steps(d, teacher, steps, start=0):
+def _run_steps(d, teacher, steps, start=0, batch_fn=None):
+    batch_fn = batch_fn or (lambda step: _batch(teacher, n=16, seed=step))
     opts = {k: torch.optim.Adam([p for p in m.parameters() if p.requires_grad], lr=1e-3)
             for k, m in d.trainable().items()}
     for step in range(start, start + steps):
         cache: dict = {}
         for group in d.phase(step):
-            out = d.loss(_batch(teacher, n=16, seed=step), step, group, cache)
+            out = d.loss(batch_fn(step), step, group, cache)
             out.loss.backward()
             opts[group].step()
             for o in opts.values():
@@ -362,15 +363,18 @@ def test_disback_records_nodes_and_backtracks(teacher, tmp_path, base):
     d.phase(4)
     assert d.node_files == ["node-001.safetensors", "node-002.safetensors"]
     last = load_file(str(tmp_path / "node-002.safetensors"))
-    for k, v in d.base.critic.state_dict().items():
-        torch.testing.assert_close(last[k], v)
+    critic_state = d.base.critic.state_dict()
+    assert set(last) == {n for n, p in d.base.critic.named_parameters() if p.requires_grad}  # weights only
+    for k, v in last.items():
+        torch.testing.assert_close(critic_state[k], v)
     assert d.path() == ["node-002.safetensors", "node-001.safetensors", None]  # degraded ... teacher
     assert d.targets() == ["node-001.safetensors", None]
     # target at steps 4..6 is node 1 (loaded into the target network), from step 7 the teacher
     assert d.current == 0 and not d.target.use_teacher
     node1 = load_file(str(tmp_path / "node-001.safetensors"))
-    for k, v in d.target.node_net.state_dict().items():
-        torch.testing.assert_close(v, node1[k])
+    node_state = d.target.node_net.state_dict()
+    for k, v in node1.items():
+        torch.testing.assert_close(node_state[k], v)
     for step in (5, 6):
         d.phase(step)
         assert d.current == 0
@@ -380,6 +384,57 @@ def test_disback_records_nodes_and_backtracks(teacher, tmp_path, base):
     sigma = teacher.sigmas[500].expand(4)
     torch.testing.assert_close(d.target.denoise(x, sigma), teacher.denoise(x, sigma))
     assert d.switch_log == [4, 7]
+
+
+def test_disback_over_lora_vsd_records_adapter_deltas(tmp_path):
+    """A LoRA critic's nodes hold only the adapter tensors; the target twin shares the critic's
+    frozen base weights (no second UNet), loads a node, and a mismatched node is refused."""
+    import json
+
+    from diffusers import DDPMScheduler
+    from safetensors.torch import load_file, save_file
+
+    from stepdistill.teachers.diffusion import DiffusersTeacher
+    from stepdistill.testing import tiny_unet2d
+
+    cfg = dict(DDPMScheduler(beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction").config)
+    teacher = DiffusersTeacher(tiny_unet2d(num_classes=10), cfg, num_classes=10)
+    base_params = {"critic": "lora", "lora_rank": 4, "lora_alpha": 4.0, "lora_targets": ["conv1", "conv2"]}
+    params = {"base": "vsd", "base_params": base_params, "recording_steps": 2, "num_nodes": 2,
+              "switch_every_steps": 2, "nodes_dir": str(tmp_path)}
+    d = build("disback", teacher, params)
+    critic, twin = d.base.critic, d.target.node_net
+    frozen = {n: p for n, p in critic.named_parameters() if not p.requires_grad}
+    for n, p in twin.named_parameters():
+        assert not p.requires_grad
+        if n in frozen:
+            assert p.data_ptr() == frozen[n].data_ptr(), n  # shared, not copied
+    def batch_fn(step):  # image-free: conditions only
+        return {"raw_cond": teacher.random_raw_conditions(8, torch.Generator().manual_seed(step)), "batch_size": 8}
+
+    _run_steps(d, teacher, 2, batch_fn=batch_fn)
+    d.phase(2)  # records the final node, then targets node 1
+    node1 = load_file(str(tmp_path / "node-001.safetensors"))
+    lora = {n for n, p in critic.named_parameters() if p.requires_grad}
+    assert set(node1) == lora and all("lora_" in k for k in node1)
+    twin_state = twin.state_dict()
+    for k, v in node1.items():
+        torch.testing.assert_close(twin_state[k], v)
+    assert any(v.abs().sum() > 0 for k, v in node1.items() if "lora_B" in k)  # the critic did move
+    manifest = json.loads((tmp_path / "nodes.json").read_text())
+    assert manifest["kind"] == "lora" and [r["file"] for r in manifest["nodes"]] == d.node_files
+    assert manifest["nodes"][0]["bytes"] == (tmp_path / "node-001.safetensors").stat().st_size
+    save_file({"model.not_a_key": torch.zeros(1)}, str(tmp_path / "node-001.safetensors"))
+    with pytest.raises(ValueError, match="does not match this critic"):
+        d._load_target("node-001.safetensors")
+
+
+def test_disback_generator_steps_skip_recording(teacher, tmp_path):
+    params = {"base": "dmd2", "base_params": {**FAST["dmd2"], "regression_steps": 3, "regression_pairs": 8}, "recording_steps": 2,
+              "num_nodes": 1, "nodes_dir": str(tmp_path)}
+    d = build("disback", teacher, params)
+    assert [d.generator_steps(s) for s in range(8)] == [0, 1, 2, 3, 3, 3, 4, 5]
+    assert [d.stage(s) for s in (2, 3, 4, 5)] == ["regression", "recording", "recording", "backtracking"]
 
 
 def test_disback_resume_restores_nodes_and_target(teacher, tmp_path):

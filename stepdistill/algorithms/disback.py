@@ -13,13 +13,20 @@ s_N, where it already is), switching every ``switch_every_steps`` generator-stag
 earlier when the optional convergence criterion fires.  After the last switch the target is the
 real teacher, so the end of training is the base method unchanged.
 
-Nodes are stored as safetensors files (score-network weights only; their size is logged) in
-``nodes_dir`` and re-read on resume, so an interrupted recording or backtracking stage continues.
+Nodes are stored as safetensors files in ``nodes_dir`` holding only the critic's *trainable*
+tensors: the whole score network for a full critic (DMD2, VSD ``critic: full``), the LoRA deltas
+for a LoRA critic (VSD ``critic: lora``).  The target network is a twin of the critic whose frozen
+weights are shared with it, so a LoRA path costs one adapter of memory per target, not a UNet.
+``nodes.json`` beside them lists each node's step, tensor count and size in bytes; the sizes are
+also logged.  Nodes are re-read on resume, so an interrupted recording or backtracking stage
+continues.
 """
 
 from __future__ import annotations
 
+import copy
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +36,8 @@ from torch import nn
 from ..teachers.base import DelegatingTeacher, DiffusionTeacher
 from . import REGISTRY, register
 from .base import Distiller, LossOutput
+
+logger = logging.getLogger("stepdistill.disback")
 
 
 @dataclass
@@ -82,10 +91,7 @@ class DisBack(Distiller):
         base_cls = REGISTRY[c.base]
         self.base = base_cls(teacher, from_dict(base_cls.Config, c.base_params, prefix="algorithm.params.base_params."))
         self.name = f"disback-{c.base}"
-        node_net = teacher.trainable_copy()
-        node_net.requires_grad_(False)
-        node_net.eval()
-        self.target = NodeTarget(teacher, node_net)
+        self.target = NodeTarget(teacher, _frozen_twin(self.base.critic))
         self.base.teacher = self.target  # composition: the base method sees the node as its "real" score
         self.interval = c.recording_steps // c.num_nodes
         self.regression_steps = int(getattr(self.base.config, "regression_steps", 0))
@@ -93,9 +99,11 @@ class DisBack(Distiller):
         self.node_files: list[str] = []  # recorded nodes, oldest (closest to the teacher) first
         self.current = -1  # index into targets(); -1 = not started
         self.switch_log: list[int] = []  # steps at which the target switched
+        self.node_info: list[dict] = []  # manifest rows: file, step, tensors, bytes
         self._window: list[float] = []
         self._prev_window: float | None = None
         self._node_step0 = 0
+        self._recording_step = 0
 
     # -- bookkeeping ----------------------------------------------------------------------------
     def set_output_dir(self, output_dir: str | Path) -> None:
@@ -133,6 +141,13 @@ class DisBack(Distiller):
     def _base_step(self, step: int) -> int:
         return step - self.config.recording_steps if self.stage(step) == "backtracking" else step
 
+    def generator_steps(self, step: int) -> int:
+        """Generator-stage steps completed before ``step`` (recording steps do not count): the
+        x-axis on which DisBack and its base method are compared at equal generator budget."""
+        if step <= self.regression_steps:
+            return step
+        return max(self.regression_steps, step - self.config.recording_steps)
+
     def generator_for_export(self):
         return self.base.generator_for_export()
 
@@ -144,12 +159,22 @@ class DisBack(Distiller):
             raise ValueError("DisBack needs a nodes_dir (set algorithm.params.nodes_dir or train.output_dir)")
         self.nodes_dir.mkdir(parents=True, exist_ok=True)
         name = f"node-{index:03d}.safetensors"
-        state = {k: v.detach().cpu().contiguous().clone() for k, v in self._score_net().state_dict().items()}
+        keys = _trainable_keys(self._score_net())
+        state = {k: v.detach().cpu().contiguous().clone() for k, v in self._score_net().state_dict().items() if k in keys}
         tmp = self.nodes_dir / f".{name}.tmp-{os.getpid()}"
         save_file(state, str(tmp))
         os.replace(tmp, self.nodes_dir / name)
         if name not in self.node_files:
             self.node_files.append(name)
+        size = (self.nodes_dir / name).stat().st_size
+        self.node_info = [r for r in self.node_info if r["file"] != name]
+        self.node_info.append({"file": name, "recording_step": self._recording_step, "tensors": len(state), "bytes": size})
+        _write_json_atomic(self.nodes_dir / "nodes.json", {"kind": self._node_kind(), "nodes": self.node_info})
+        logger.info("DisBack node %s: %d tensors, %.2f MB (%s)", name, len(state), size / 2**20, self._node_kind())
+
+    def _node_kind(self) -> str:
+        names = _trainable_keys(self._score_net())
+        return "lora" if names and all("lora_" in k for k in names) else "full"
 
     def node_size_bytes(self) -> int:
         return sum((self.nodes_dir / f).stat().st_size for f in self.node_files) if self.nodes_dir else 0
@@ -163,7 +188,15 @@ class DisBack(Distiller):
         path = self.nodes_dir / name
         if not path.exists():
             raise FileNotFoundError(f"DisBack node {path} is missing; the recording stage must be re-run")
-        self.target.node_net.load_state_dict(load_file(str(path)))
+        state = load_file(str(path))
+        result = self.target.node_net.load_state_dict(state, strict=False)
+        unset = sorted(set(result.missing_keys) & _trainable_keys(self._score_net()))
+        if result.unexpected_keys or unset:
+            raise ValueError(
+                f"DisBack node {path} does not match this critic (unexpected {result.unexpected_keys[:3]}, "
+                f"missing {unset[:3]}); it was recorded with another critic setup — delete {self.nodes_dir} "
+                "to re-record, or restore the algorithm.params it was recorded with"
+            )
         self.target.use_teacher = False
 
     def _advance_to(self, index: int, step: int) -> None:
@@ -187,10 +220,12 @@ class DisBack(Distiller):
         if stage == "recording":
             self.target.use_teacher = True
             r = step - self.regression_steps  # critic updates done so far in this stage
+            self._recording_step = r
             if r > 0 and r % self.interval == 0 and len(self.node_files) < min(r // self.interval, self.config.num_nodes):
                 self._save_node(len(self.node_files) + 1)
             return ["critic"]
         if len(self.node_files) < self.config.num_nodes:  # final node: critic after the whole stage
+            self._recording_step = self.config.recording_steps
             self._save_node(len(self.node_files) + 1)
         if self.current < 0:
             self._advance_to(0, step)
@@ -228,6 +263,7 @@ class DisBack(Distiller):
             "node_step0": self._node_step0,
             "switch_log": self.switch_log,
             "nodes_dir": str(self.nodes_dir) if self.nodes_dir else None,
+            "node_info": self.node_info,
         }
 
     def load_state_dict_extra(self, state: dict) -> None:
@@ -236,6 +272,7 @@ class DisBack(Distiller):
             self.nodes_dir = Path(state["nodes_dir"])
         self._node_step0 = int(state.get("node_step0", 0))
         self.switch_log = list(state.get("switch_log", []))
+        self.node_info = list(state.get("node_info", []))
         cur = int(state.get("current", -1))
         self.current = -1
         if cur >= 0:
@@ -244,3 +281,35 @@ class DisBack(Distiller):
 
     def describe(self) -> str:
         return json.dumps(self.state_dict_extra())
+
+
+def _trainable_keys(net: nn.Module) -> set[str]:
+    return {n for n, p in net.named_parameters() if p.requires_grad}
+
+
+def _frozen_twin(critic: nn.Module) -> nn.Module:
+    """A frozen copy of ``critic`` that shares its frozen tensors (a LoRA critic's base weights,
+    buffers) and the encoders/tokenizer it borrows from the teacher, owns copies of the trainable
+    tensors, and has none of the critic's forward hooks (DMD2's GAN feature hook belongs to the
+    critic, not to a path node)."""
+    from collections import OrderedDict
+
+    memo: dict = {id(t): t for t in critic.parameters() if not t.requires_grad}
+    memo.update({id(b): b for b in critic.buffers()})
+    for name in ("_shared", "tokenizer", "text_encoder", "vae"):  # borrowed, frozen: never copied
+        v = critic.__dict__.get(name)
+        if v is not None:
+            memo[id(v)] = v
+    for m in critic.modules():
+        memo[id(m._forward_hooks)] = OrderedDict()
+        memo[id(m._forward_pre_hooks)] = OrderedDict()
+    twin = copy.deepcopy(critic, memo)
+    twin.requires_grad_(False)
+    twin.eval()
+    return twin
+
+
+def _write_json_atomic(path: Path, data) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
