@@ -214,3 +214,31 @@ def test_trainable_copy_mlp_fits_the_teacher():
         target_spread = (target - target.mean(0)).pow(2).sum(1).mean().sqrt()
     assert float(err) < 0.1 * float(target_spread), (float(err), float(target_spread))
     assert float(err) < 0.1 * float(trivial)
+
+
+def test_learned_score_teacher_is_accurate_on_data_and_measures_exactly():
+    """score: learned fits a network on noisy data only: close to the exact denoiser where noised data
+    lives, further off it (the score mismatch DisBack targets); distances stay exact."""
+    from stepdistill.teachers.analytic import LearnedScoreTeacher, MLPDenoiser
+
+    params = {"mixture": "ring", "num_modes": 8, "std": 0.05, "conditional": False}
+    t = GaussianMixtureTeacher.from_params({**params, "score": "learned", "score_fit_steps": 400})
+    exact = GaussianMixtureTeacher.from_params(params)
+    assert isinstance(t, LearnedScoreTeacher)
+    g = torch.Generator().manual_seed(0)
+    data = t.sample_data(1000, g)
+    off = torch.randn(1000, 2, generator=g) * 1.5
+    sigma = 0.1
+    on_err = t.score_error(data + sigma * torch.randn(data.shape, generator=g), sigma)
+    off_err = t.score_error(off, sigma)
+    assert on_err < 0.5 * off_err, (on_err, off_err)
+    assert t.distance(data) == exact.distance(data)
+    copy = t.trainable_copy()
+    assert isinstance(copy, MLPDenoiser) and all(p.requires_grad for p in copy.parameters())
+    s = torch.full((4,), 0.3)
+    torch.testing.assert_close(copy.denoise_raw(data[:4], s, None), t.denoise_raw(data[:4], s, None))
+    assert not any(p.requires_grad for p in t.parameters())
+    with pytest.raises(ValueError, match="score must be exact"):
+        GaussianMixtureTeacher.from_params({**params, "score": "fitted"})
+    with pytest.raises(ValueError, match="needs teacher.params.score: learned"):
+        GaussianMixtureTeacher.from_params({**params, "score_fit_steps": 10})

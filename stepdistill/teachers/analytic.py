@@ -82,20 +82,33 @@ class GaussianMixtureTeacher(DiffusionTeacher):
         return cls(means, std, **kw)
 
     @classmethod
-    def from_params(cls, params: dict) -> GaussianMixtureTeacher:
+    def from_params(cls, params: dict) -> GaussianMixtureTeacher | LearnedScoreTeacher:
+        """Build from ``teacher.params``: ``mixture`` (ring | grid | image) and its arguments, plus
+        ``score: exact`` (default) or ``score: learned`` (``score_hidden``, ``score_fit_steps``,
+        ``score_seed``: see :class:`LearnedScoreTeacher`)."""
         params = dict(params)
         kind = params.pop("mixture", "ring")
         gs = params.pop("guidance_scale", 1.0)
+        score = params.pop("score", "exact")
+        learned = {k: params.pop(f"score_{k}") for k in ("hidden", "fit_steps", "seed") if f"score_{k}" in params}
         params.setdefault("conditional", True)
         if kind == "ring":
-            return cls.ring(guidance_scale=gs, **params)
-        if kind == "grid":
-            return cls.grid(guidance_scale=gs, **params)
-        if kind == "image":
+            mixture = cls.ring(guidance_scale=gs, **params)
+        elif kind == "grid":
+            mixture = cls.grid(guidance_scale=gs, **params)
+        elif kind == "image":
             if "shape" in params:
                 params["shape"] = tuple(params["shape"])
-            return cls.image_shaped(guidance_scale=gs, **params)
-        raise ValueError(f"teacher.params.mixture must be ring | grid | image, got {kind!r}")
+            mixture = cls.image_shaped(guidance_scale=gs, **params)
+        else:
+            raise ValueError(f"teacher.params.mixture must be ring | grid | image, got {kind!r}")
+        if score == "exact":
+            if learned:
+                raise ValueError(f"teacher.params.score_{next(iter(learned))} needs teacher.params.score: learned")
+            return mixture
+        if score == "learned":
+            return LearnedScoreTeacher(mixture, **learned)
+        raise ValueError(f"teacher.params.score must be exact | learned, got {score!r}")
 
     # -- contract -------------------------------------------------------------------------------
     def null_condition(self, batch_size: int) -> Cond:
@@ -297,3 +310,75 @@ class MLPDenoiser(DiffusionTeacher):
             opt.step()
             sched.step()
         return self
+
+
+_LEARNED_SCORES: dict = {}
+
+
+def _mixture_key(m: GaussianMixtureTeacher) -> tuple:
+    return tuple(t.detach().cpu().numpy().tobytes() for t in (m.means, m.stds, m.weights)) + (m.conditional,)
+
+
+class LearnedScoreTeacher(DiffusionTeacher):
+    """A Gaussian mixture whose *score* comes from a network fitted on noisy data only.
+
+    Like a trained diffusion model, the network is accurate where noised data lives and
+    extrapolates elsewhere — at small sigma, away from the modes, where a young generator's samples
+    are.  That is the "score mismatch" DisBack is designed for, which the exact teacher does not
+    have.  Everything that measures samples (``distance``, ``log_prob``, ``sample_data``) still uses
+    the exact mixture, so distances stay exact.  ``trainable_copy`` copies the fitted network (the
+    analogue of copying a teacher UNet).
+    """
+
+    def __init__(self, mixture: GaussianMixtureTeacher, hidden: int = 128, fit_steps: int = 3000, seed: int = 1):
+        super().__init__()
+        key = (_mixture_key(mixture), hidden, fit_steps, seed)
+        cache = _LEARNED_SCORES  # one fit per mixture and settings in a process (benchmarks rebuild teachers)
+        if key not in cache:
+            net = MLPDenoiser(mixture, hidden=hidden).fit_to(mixture, steps=fit_steps, seed=seed)
+            net.requires_grad_(False)
+            net.eval()
+            cache[key] = net
+        self.net = cache[key]
+        object.__setattr__(self, "mixture", mixture)  # outside the module tree: not a parameter holder
+        self.sigmas = mixture.sigmas
+        self.sample_shape = mixture.sample_shape
+        self.num_classes = mixture.num_classes
+        self.conditional = mixture.conditional
+        self.guidance_scale = mixture.guidance_scale
+
+    def denoise_raw(self, x: Tensor, sigma: Tensor, cond: Cond | None) -> Tensor:
+        return self.net.denoise_raw(x, sigma, cond)
+
+    def null_condition(self, batch_size: int) -> Cond:
+        return self.mixture.null_condition(batch_size)
+
+    def encode_conditions(self, raw) -> Cond | None:
+        return self.mixture.encode_conditions(raw)
+
+    def random_raw_conditions(self, n: int, generator: torch.Generator | None = None) -> Tensor | None:
+        return self.mixture.random_raw_conditions(n, generator)
+
+    def sample_data(self, n: int, generator: torch.Generator | None = None, cond: Cond | None = None) -> Tensor:
+        return self.mixture.sample_data(n, generator, cond)
+
+    def distance(self, x0: Tensor, cond: Cond | None = None) -> dict[str, float]:
+        return self.mixture.distance(x0, cond)
+
+    def log_prob(self, x0: Tensor, sigma: float = 0.0) -> Tensor:
+        return self.mixture.log_prob(x0, sigma)
+
+    def score_error(self, x: Tensor, sigma: float) -> float:
+        """RMS gap between the learned and the exact denoiser at points ``x`` and noise ``sigma``."""
+        s = torch.full((x.shape[0],), float(sigma), device=x.device)
+        with torch.no_grad():
+            gap = self.denoise_raw(x, s, None) - self.mixture.denoise_raw(x, s, None)
+        return float(gap.pow(2).mean().sqrt())
+
+    def trainable_copy(self) -> MLPDenoiser:
+        import copy
+
+        net = copy.deepcopy(self.net)
+        net.requires_grad_(True)
+        net.train()
+        return net
