@@ -82,8 +82,10 @@ def build_teacher(tcfg: TeacherConfig, device: torch.device | str = "cpu") -> Di
             guidance_scale=tcfg.guidance_scale,
             dtype=DTYPES[tcfg.dtype],
         )
+    elif kind == "ar":
+        return build_ar_teacher(tcfg, device)
     else:
-        raise ConfigError(f"teacher.kind must be analytic | diffusers | digits, got {kind!r}")
+        raise ConfigError(f"teacher.kind must be analytic | diffusers | digits | ar, got {kind!r}")
     return teacher.to(device)
 
 
@@ -158,6 +160,8 @@ def run_distillation(cfg: RunConfig, export: bool = True, eval_fn=None, eval_eve
     from .data.sources import build_source
     from .training import train
 
+    if cfg.teacher.kind == "ar":  # Distilled Decoding: token pairs, AR exports
+        return run_ar_distillation(cfg, export=export, eval_fn=eval_fn, eval_every_steps=eval_every_steps)
     validate_algorithm(cfg)  # fail on a typo before loading (or training) a teacher
     teacher = build_teacher(cfg.teacher)
     distiller = build(cfg.algorithm.name, teacher, cfg.algorithm.params)
@@ -428,7 +432,7 @@ def run_ar_distillation(cfg: RunConfig, export: bool = True, eval_fn=None, eval_
         raise ConfigError(
             "Distilled Decoding is data-free (its pairs come from the teacher); unset train.dataset"
         )
-    teacher = build_teacher(cfg.teacher) if cfg.teacher.kind != "ar" else build_ar_teacher(cfg.teacher)
+    teacher = build_teacher(cfg.teacher)
     distiller = algorithms.build(cfg.algorithm.name, teacher, cfg.algorithm.params)
     rank, world = 0, 1
     try:
