@@ -467,3 +467,28 @@ def test_disback_uses_base_generator_loss(teacher, tmp_path, monkeypatch):
     d = build("disback", teacher, params)
     _run_steps(d, teacher, 2)
     assert calls, "DisBack must train the generator through the base algorithm's own loss"
+
+
+def test_disback_node_schedule():
+    from stepdistill.algorithms.disback import node_schedule
+
+    assert node_schedule(200, 4) == [50, 100, 150, 200]  # the paper's fixed interval
+    assert node_schedule(200, 4, "geometric") == [4, 14, 53, 200]
+    assert node_schedule(4, 4, "geometric") == [1, 2, 3, 4]  # strictly increasing even when rounding collides
+    with pytest.raises(ValueError, match="geometric nodes"):
+        node_schedule(2, 4, "geometric")
+
+
+def test_disback_geometric_nodes_and_path_diagnostic(teacher, tmp_path):
+    import json
+
+    params = {"base": "dmd2", "base_params": FAST["dmd2"], "recording_steps": 9, "num_nodes": 3,
+              "node_spacing": "geometric", "switch_every_steps": 5, "nodes_dir": str(tmp_path)}
+    d = build("disback", teacher, params)
+    assert d.node_steps == [2, 4, 9]
+    _run_steps(d, teacher, 10)  # recording (9 critic updates), then the first backtracking step
+    info = json.loads((tmp_path / "nodes.json").read_text())["nodes"]
+    assert [r["recording_step"] for r in info] == [2, 4, 9]
+    dist = [r["distance_from_start"] for r in info]
+    assert 0 < dist[0] < dist[1] < dist[2]  # the critic moves away from the teacher while recording
+    assert info[-1]["fraction_of_path"] == 1.0 and 0 < info[0]["fraction_of_path"] < 1

@@ -4,8 +4,12 @@ over a score-distillation algorithm (DMD2 or VSD).  Spec: shared/docs/research/a
 
 Stage 1, degradation recording: with the initial generator frozen, the base method's *critic* is
 trained on the generator's samples by the base method's own critic loss (the same code path); its
-score-network weights are snapshotted every ``recording_steps / num_nodes`` steps.  The path is
-``[teacher, s_1, ..., s_N]`` (s_N fitted to the initial generator).
+score-network weights are snapshotted every ``recording_steps / num_nodes`` steps (the paper's fixed
+interval) or, with ``node_spacing: geometric``, after ``R^(i/N)`` steps.  The path is
+``[teacher, s_1, ..., s_N]`` (s_N fitted to the initial generator).  ``nodes.json`` records how far
+each node's weights moved from where recording started, as a fraction of the last node's distance;
+a warning says when the first node is already most of the way (the path then has no intermediate
+targets: measured on digits, where the critic fits the initial generator within ~50 updates).
 
 Stage 2, distribution backtracking: the base method trains the generator with the "real" score
 replaced by the path nodes in reverse order, ``s_{N-1}, ..., s_1, teacher`` (the critic starts at
@@ -46,6 +50,7 @@ class DisBackConfig:
     base_params: dict = field(default_factory=dict)  # its own Config fields
     recording_steps: int = 400  # stage 1 length (critic-only updates, generator frozen)
     num_nodes: int = 4  # degradation checkpoints recorded (N); the path has N + 1 entries with the teacher
+    node_spacing: str = "uniform"  # uniform: every recording_steps/N steps (the paper); geometric: at R^(i/N)
     switch_every_steps: int = 200  # stage 2: steps per target node (fixed schedule)
     switch_on_convergence: bool = False  # also switch when the generator gradient has settled
     convergence_window: int = 50  # steps per window of the convergence criterion
@@ -84,6 +89,8 @@ class DisBack(Distiller):
             raise ValueError(f"algorithm.params.base must be dmd2 or vsd, got {c.base!r}")
         if c.num_nodes < 1 or c.recording_steps < c.num_nodes:
             raise ValueError("need num_nodes >= 1 and recording_steps >= num_nodes")
+        if c.node_spacing not in ("uniform", "geometric"):
+            raise ValueError(f"algorithm.params.node_spacing must be uniform or geometric, got {c.node_spacing!r}")
         if c.switch_every_steps < 1:
             raise ValueError("algorithm.params.switch_every_steps must be >= 1")
         from ..config import from_dict
@@ -93,7 +100,7 @@ class DisBack(Distiller):
         self.name = f"disback-{c.base}"
         self.target = NodeTarget(teacher, _frozen_twin(self.base.critic))
         self.base.teacher = self.target  # composition: the base method sees the node as its "real" score
-        self.interval = c.recording_steps // c.num_nodes
+        self.node_steps = node_schedule(c.recording_steps, c.num_nodes, c.node_spacing)
         self.regression_steps = int(getattr(self.base.config, "regression_steps", 0))
         self.nodes_dir = Path(c.nodes_dir) if c.nodes_dir else None
         self.node_files: list[str] = []  # recorded nodes, oldest (closest to the teacher) first
@@ -104,6 +111,7 @@ class DisBack(Distiller):
         self._prev_window: float | None = None
         self._node_step0 = 0
         self._recording_step = 0
+        self._start: dict | None = None  # critic's trainable tensors when recording began (in memory)
 
     # -- bookkeeping ----------------------------------------------------------------------------
     def set_output_dir(self, output_dir: str | Path) -> None:
@@ -167,8 +175,23 @@ class DisBack(Distiller):
         if name not in self.node_files:
             self.node_files.append(name)
         size = (self.nodes_dir / name).stat().st_size
+        moved = None
+        if self._start is not None:  # how far the critic has moved from where recording started
+            moved = float(sum((state[k].double() - v.double()).pow(2).sum() for k, v in self._start.items()) ** 0.5)
         self.node_info = [r for r in self.node_info if r["file"] != name]
-        self.node_info.append({"file": name, "recording_step": self._recording_step, "tensors": len(state), "bytes": size})
+        self.node_info.append({"file": name, "recording_step": self._recording_step, "tensors": len(state),
+                               "bytes": size, "distance_from_start": moved})
+        final = self.node_info[-1]["distance_from_start"] if len(self.node_info) == self.config.num_nodes else None
+        if final:
+            for r in self.node_info:  # 0 = the teacher end of the path, 1 = the degraded end
+                d = r["distance_from_start"]
+                r["fraction_of_path"] = round(d / final, 4) if d is not None else None
+            first = self.node_info[0].get("fraction_of_path")
+            if first is not None and first > 0.8 and self.config.num_nodes > 1:
+                logger.warning(
+                    "DisBack: the first node is already %.0f%% of the way to the degraded end, so the path has "
+                    "few intermediate targets; record with a lower critic lr, fewer recording_steps or "
+                    "node_spacing: geometric", 100 * first)
         _write_json_atomic(self.nodes_dir / "nodes.json", {"kind": self._node_kind(), "nodes": self.node_info})
         logger.info("DisBack node %s: %d tensors, %.2f MB (%s)", name, len(state), size / 2**20, self._node_kind())
 
@@ -221,8 +244,11 @@ class DisBack(Distiller):
             self.target.use_teacher = True
             r = step - self.regression_steps  # critic updates done so far in this stage
             self._recording_step = r
-            if r > 0 and r % self.interval == 0 and len(self.node_files) < min(r // self.interval, self.config.num_nodes):
-                self._save_node(len(self.node_files) + 1)
+            if r == 0 and self._start is None:  # reference point for the node-distance diagnostic
+                self._start = _trainable_state(self._score_net())
+            k = len(self.node_files)
+            if k < self.config.num_nodes - 1 and r >= self.node_steps[k]:
+                self._save_node(k + 1)
             return ["critic"]
         if len(self.node_files) < self.config.num_nodes:  # final node: critic after the whole stage
             self._recording_step = self.config.recording_steps
@@ -281,6 +307,30 @@ class DisBack(Distiller):
 
     def describe(self) -> str:
         return json.dumps(self.state_dict_extra())
+
+
+def node_schedule(recording_steps: int, num_nodes: int, spacing: str = "uniform") -> list[int]:
+    """Critic-update counts after which nodes 1..N are snapshotted (the last is ``recording_steps``).
+
+    ``uniform``: every ``R/N`` updates (the paper's fixed interval).  ``geometric``: at ``R^(i/N)``
+    (rounded, strictly increasing), so that a critic which moves fast early still leaves nodes
+    between the teacher and the degraded end.
+    """
+    r, n = recording_steps, num_nodes
+    if spacing == "uniform":
+        return [r * i // n for i in range(1, n)] + [r]
+    steps: list[int] = []
+    for i in range(1, n + 1):
+        s = max(1, round(r ** (i / n)))
+        steps.append(max(s, steps[-1] + 1) if steps else s)
+    if steps[-1] != r or len(set(steps)) != n:
+        raise ValueError(f"cannot place {n} geometric nodes in {r} recording steps; use more recording_steps")
+    return steps
+
+
+def _trainable_state(net: nn.Module) -> dict:
+    keys = _trainable_keys(net)
+    return {k: v.detach().cpu().clone() for k, v in net.state_dict().items() if k in keys}
 
 
 def _trainable_keys(net: nn.Module) -> set[str]:
