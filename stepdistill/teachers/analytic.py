@@ -217,7 +217,9 @@ class GaussianMixtureTeacher(DiffusionTeacher):
         key = (hidden, fit_steps, seed)
         cache = self.__dict__.setdefault("_fitted_copies", {})
         if key not in cache:
-            net = MLPDenoiser(self, hidden=hidden)
+            with torch.random.fork_rng(devices=[]):  # same fit whatever the caller's RNG state
+                torch.manual_seed(seed)
+                net = MLPDenoiser(self, hidden=hidden)
             net.fit_to(self, steps=fit_steps, seed=seed)
             cache[key] = net
         net = copy.deepcopy(cache[key])
@@ -335,7 +337,10 @@ class LearnedScoreTeacher(DiffusionTeacher):
         key = (_mixture_key(mixture), hidden, fit_steps, seed)
         cache = _LEARNED_SCORES  # one fit per mixture and settings in a process (benchmarks rebuild teachers)
         if key not in cache:
-            net = MLPDenoiser(mixture, hidden=hidden).fit_to(mixture, steps=fit_steps, seed=seed)
+            with torch.random.fork_rng(devices=[]):  # same fit whatever the caller's RNG state
+                torch.manual_seed(seed)
+                net = MLPDenoiser(mixture, hidden=hidden)
+            net.fit_to(mixture, steps=fit_steps, seed=seed)
             net.requires_grad_(False)
             net.eval()
             cache[key] = net
