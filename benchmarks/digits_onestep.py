@@ -113,28 +113,34 @@ def student_row(method, args, command, commit) -> dict:
         with torch.no_grad():
             return to_uint8(student_forward(holder["distiller"], z, labels))
 
+    eval_seconds = [0.0]
+
     def eval_fn(step: int, distiller) -> dict:
+        # curve point: [generator-stage steps (DisBack's recording steps do not count), FID at
+        # N = --curve-images, training seconds so far with recording included, evaluation excluded]
+        t_eval = time.perf_counter()
         holder["distiller"] = distiller
         res = compute_fid(gen_fn, "digits", det, num_images=args.curve_images, num_classes=10, progress=False)
-        curve.append([step, round(res.fid, 3)])
-        print(f"  [{method}] step {step}: {res.metric} = {res.fid:.2f}", flush=True)
+        gen_steps = getattr(distiller, "generator_steps", lambda s: s)(step)
+        curve.append([gen_steps, round(res.fid, 3), round(t_eval - t0 - eval_seconds[0], 1)])
+        print(f"  [{method}] step {step} (generator steps {gen_steps}): {res.metric} = {res.fid:.3f}", flush=True)
+        eval_seconds[0] += time.perf_counter() - t_eval
         return {"fid": res.fid}
 
     t0 = time.perf_counter()
     result = run_distillation(cfg, eval_fn=eval_fn, eval_every_steps=args.curve_every)
-    train_seconds = time.perf_counter() - t0
+    train_seconds = time.perf_counter() - t0 - eval_seconds[0]
     holder["distiller"] = result["distiller"]
     ev = evaluate_generator(gen_fn, "digits", det, num_images=args.num_images, num_classes=10, progress=False)
     gen = result["distiller"].generator_for_export()
     gen = gen[0] if isinstance(gen, list) else gen
     with torch.no_grad():
         ips = images_per_second(lambda z, y: student_forward(result["distiller"], z, y))
-    curve.append([cfg.train.max_steps, round(ev["fid"], 3)])
     row = {"benchmark": NAME, "teacher": "digits", "method": method.replace("_", "-"), "nfe": gen.num_steps,
            "fid": round(ev["fid"], 3), "fid_detector": "digits-classifier", "metric": ev["metric"],
            "n_samples": args.num_images, "class_accuracy": round(ev["class_accuracy"], 4), "images_per_s": round(ips, 1),
            "train_steps": cfg.train.max_steps, "train_seconds": round(train_seconds, 1),
-           "curve": curve, "commit": commit, "command": command}
+           "curve_metric": f"FID-digits-N{args.curve_images}", "curve": curve, "commit": commit, "command": command}
     print(json.dumps({k: v for k, v in row.items() if k != "curve"}), flush=True)
     return row
 
@@ -188,7 +194,7 @@ def plot(rows: list[dict]) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     for r in rows:
         if r.get("curve"):
-            xs, ys = zip(*r["curve"])
+            xs, ys = [p[0] for p in r["curve"]], [p[1] for p in r["curve"]]
             ax.plot(xs, ys, marker="o", label=r["method"])
     best = [r["fid"] for r in rows if r["method"].startswith("teacher")]
     if best:

@@ -61,6 +61,11 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def groups_suffixes(groups, name: str) -> set[str]:
+    """Suffixes of other benchmarks named ``<name>_<suffix>`` (their plots are theirs, not name's)."""
+    return {g[len(name) + 1:] for g in groups if g.startswith(name + "_")}
+
+
 def main() -> None:
     groups = load_rows()
     parts = [
@@ -86,9 +91,9 @@ def main() -> None:
             parts.append("Reproduce: " + "; ".join(f"`{c}`" for c in commands))
         if commits:
             parts.append(f"Commit(s): {', '.join(commits)}")
-        plot = ROOT / "results" / f"{name}.png"
-        if plot.exists():
-            parts += ["", f"![{name}](benchmarks/results/{plot.name})"]
+        for plot in [ROOT / "results" / f"{name}.png", *sorted((ROOT / "results").glob(f"{name}_*.png"))]:
+            if plot.exists() and (plot.stem == name or plot.stem[len(name) + 1:] not in groups_suffixes(groups, name)):
+                parts += ["", f"![{plot.stem}](benchmarks/results/{plot.name})"]
         parts.append("")
     OUT.write_text("\n".join(parts))
     print(f"wrote {OUT}")
