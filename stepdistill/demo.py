@@ -40,8 +40,8 @@ def run_demo(output: str | Path = "runs/demo", preset: str = "digits/dmd2", over
     print("[stepdistill] scoring the one-step student and the teacher (DDIM, 10 steps) ...", flush=True)
     student_fid = compute_fid(str(pipe_dir), "digits", "digits", num_images=num_images, num_classes=10)
     student_acc = evaluate_class_accuracy(str(pipe_dir), num_images)
-    teacher_fid = compute_fid(str(teacher_dir), "digits", "digits", num_images=num_images, num_classes=10,
-                              num_inference_steps=10)
+    teacher_fid = compute_fid(teacher_ddim_pipeline(teacher_dir), "digits", "digits", num_images=num_images,
+                              num_classes=10, num_inference_steps=10)
     grid = sample_to_path(pipe_dir, output / "samples.png", num_images=40,
                           class_labels=[i // 4 for i in range(40)])
     report = {
@@ -63,3 +63,16 @@ def run_demo(output: str | Path = "runs/demo", preset: str = "digits/dmd2", over
     print(f"  teacher DDIM-10:   FID {report['teacher']['fid']:.2f}")
     print(f"  samples: {grid}\n  pipeline: {pipe_dir}\n  report: {output / 'report.json'}")
     return report
+
+
+def teacher_ddim_pipeline(teacher_dir: str | Path):
+    """The teacher pipeline with its saved (training) DDPM scheduler swapped for DDIM on the same
+    schedule: the 10-step DDIM baseline the report names (ancestral DDPM at 10 steps is much worse:
+    FID-digits 0.26 vs 0.11, so comparing against it would flatter the student)."""
+    from diffusers import DDIMScheduler
+
+    from .eval.generate import load_pipeline
+
+    pipe = load_pipeline(teacher_dir)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    return pipe

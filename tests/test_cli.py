@@ -201,3 +201,15 @@ def test_demo_end_to_end_small(teacher_dir, tmp_path, capsys):
     assert report["student"]["nfe"] == 1 and report["student"]["fid"] > 0 and report["teacher"]["fid"] > 0
     assert (out / "samples.png").exists()
     assert "FID-digits-N50" in capsys.readouterr().out
+
+
+def test_demo_teacher_baseline_is_ddim_on_the_teachers_schedule(teacher_dir):
+    """The report says "teacher DDIM-10": the saved scheduler (DDPM, ancestral) must be swapped."""
+    from stepdistill.demo import teacher_ddim_pipeline
+    from stepdistill.eval.generate import load_pipeline
+
+    saved = load_pipeline(teacher_dir).scheduler
+    pipe = teacher_ddim_pipeline(teacher_dir)
+    assert type(saved).__name__ == "DDPMScheduler" and type(pipe.scheduler).__name__ == "DDIMScheduler"
+    for key in ("beta_schedule", "num_train_timesteps", "prediction_type"):
+        assert pipe.scheduler.config[key] == saved.config[key]
