@@ -7,8 +7,8 @@ against wall time with the recording stage included (issue #7).
     OMP_NUM_THREADS=1 python benchmarks/digits_onestep.py --skip-teacher --methods disback_dmd2 disback_vsd \\
         --work-dir runs/bench-disback --curve-images 1000
     # 2. compare (reads their rows from benchmarks/results/digits_onestep.json; re-scores each run's
-    #    final generator with 5 more sampling seeds to show the evaluation noise)
-    python benchmarks/digits_disback.py --work-dir runs/bench-disback --eval-seeds 5
+    #    final generator with 3 more sampling seeds to show the evaluation noise)
+    python benchmarks/digits_disback.py --work-dir runs/bench-disback --eval-seeds 3
 
 Curves are FID-digits at N = 1000 (the curve's own N; never mixed with another N) evaluated every
 200 training steps.  The x-axis of the first figure counts *generator-stage* steps: DisBack's
@@ -67,7 +67,7 @@ def compare(rows: dict[str, dict], base: str, variant: str) -> dict:
     out["target_steps_met"] = out["steps_ratio"] is not None and out["steps_ratio"] <= 0.5
     out["target_final_met"] = d["fid"] <= b["fid"]
     out["commit"] = ", ".join(sorted({b.get("commit", "")[:10], d.get("commit", "")[:10]}))
-    out["command"] = "python benchmarks/digits_disback.py (after the two training commands in its docstring)"
+    out["notes"] = "students trained by the two digits_onestep.py commands in the docstring of benchmarks/digits_disback.py"
     return out
 
 
@@ -177,7 +177,8 @@ def main(argv=None) -> int:
     for t in table:
         run = Path(args.work_dir) / t["method"].split(" vs ")[0].replace("-", "_")
         if (run / "disback_nodes" / "nodes.json").exists():
-            t["node_path_fractions"] = node_path_fractions(run)
+            fr = node_path_fractions(run)
+            t["node_path_fractions"] = " / ".join(f"{x:.2f}" for x in fr) if fr else None
             print(f"{t['method']}: nodes at {t['node_path_fractions']} of the way from the teacher to the last node")
     if args.eval_seeds:
         spreads: dict[str, dict] = {}
@@ -188,7 +189,9 @@ def main(argv=None) -> int:
                 spread = spreads[method]
                 t[f"{key}_fid_seed_mean"], t[f"{key}_fid_seed_std"] = spread["mean"], spread["std"]
                 t[f"{key}_fid_seeds"] = spread["fids"]
+    command = "python benchmarks/digits_disback.py " + " ".join(argv if argv is not None else sys.argv[1:])
     for t in table:
+        t["command"] = command
         print(json.dumps(t), flush=True)
     teacher = [r["fid"] for r in all_rows if r["method"].startswith("teacher")]
     best = min(teacher) if teacher else None
@@ -196,6 +199,9 @@ def main(argv=None) -> int:
     (RESULTS / f"{NAME}.json").write_text(json.dumps(table, indent=1))
     plot(rows, 0, "generator-stage steps (recording not counted)", RESULTS / f"{NAME}.png", best)
     plot(rows, 2, "training seconds (recording included)", RESULTS / f"{NAME}_walltime.png", best)
+    import subprocess
+
+    subprocess.run([sys.executable, str(ROOT / "make_tables.py")], check=False)
     return 0
 
 
