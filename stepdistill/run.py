@@ -150,6 +150,23 @@ def validate_algorithm(cfg: RunConfig) -> None:
     from_dict(REGISTRY[name].Config, cfg.algorithm.params, prefix="algorithm.params.")
 
 
+def seed_build(cfg: RunConfig) -> None:
+    """Seed the global RNGs from ``train.seed`` before the distiller is built, so its random inits
+    (GAN head, LoRA, smaller students) depend on the config alone, not on what the process did
+    before (a benchmark running several configs, the demo training its teacher first).  Training
+    steps are seeded separately by the loop."""
+    import random
+
+    import numpy as np
+
+    from .data.sources import derive_seed
+
+    seed = derive_seed("build", cfg.train.seed)
+    random.seed(seed)
+    np.random.seed(seed % (1 << 32))
+    torch.manual_seed(seed)
+
+
 def run_distillation(cfg: RunConfig, export: bool = True, eval_fn=None, eval_every_steps: int | None = None) -> dict:
     """Build teacher + algorithm from ``cfg``, train under the generic loop, export the student.
 
@@ -164,6 +181,7 @@ def run_distillation(cfg: RunConfig, export: bool = True, eval_fn=None, eval_eve
         return run_ar_distillation(cfg, export=export, eval_fn=eval_fn, eval_every_steps=eval_every_steps)
     validate_algorithm(cfg)  # fail on a typo before loading (or training) a teacher
     teacher = build_teacher(cfg.teacher)
+    seed_build(cfg)
     distiller = build(cfg.algorithm.name, teacher, cfg.algorithm.params)
     source = build_source(cfg.train, teacher, needs_data=distiller.needs_data)
     gen = distiller.generator_for_export()
@@ -433,6 +451,7 @@ def run_ar_distillation(cfg: RunConfig, export: bool = True, eval_fn=None, eval_
             "Distilled Decoding is data-free (its pairs come from the teacher); unset train.dataset"
         )
     teacher = build_teacher(cfg.teacher)
+    seed_build(cfg)
     distiller = algorithms.build(cfg.algorithm.name, teacher, cfg.algorithm.params)
     rank, world = 0, 1
     try:

@@ -555,3 +555,30 @@ def test_fp16_grad_scaler_path_and_resume(tmp_path):
     a = _checkpoint_contents(Path(straight["checkpoint"]))
     b = _checkpoint_contents(Path(resumed["checkpoint"]))
     assert all(_equal(a[k], b[k]) for k in a) and a.keys() == b.keys()
+
+
+def test_distiller_build_is_seeded_by_the_config_not_by_process_history(tmp_path, monkeypatch):
+    """run_distillation seeds the RNG from train.seed before building the distiller: the same config
+    gives the same initial weights (the GAN head's random init included) whatever the process drew
+    before."""
+    import stepdistill.training as training_pkg
+    from stepdistill.config import load_config
+    from stepdistill.run import run_distillation
+
+    built = []
+
+    def fake_train(distiller, *a, **k):  # stop right after the build
+        built.append({f"{g}.{n}": v.clone() for g, m in distiller.trainable().items() for n, v in m.state_dict().items()})
+        return {"step": 0}
+
+    monkeypatch.setattr(training_pkg, "train", fake_train)
+    for drawn, seed in ((0, 0), (1000, 0), (0, 1)):
+        torch.rand(drawn)  # a different process history
+        cfg = load_config("analytic/dmd2", [f"train.output_dir={tmp_path / str(len(built))}", f"train.seed={seed}",
+                                            "algorithm.params.gan_weight_g=0.003", "algorithm.params.gan_weight_d=0.01"])
+        run_distillation(cfg, export=False)
+    a, b, c = built
+    assert any("gan_head" in k for k in a)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k])
+    assert any(not torch.equal(a[k], c[k]) for k in a if "gan_head" in k)  # another train.seed, another init
