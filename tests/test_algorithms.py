@@ -492,3 +492,16 @@ def test_disback_geometric_nodes_and_path_diagnostic(teacher, tmp_path):
     dist = [r["distance_from_start"] for r in info]
     assert 0 < dist[0] < dist[1] < dist[2]  # the critic moves away from the teacher while recording
     assert info[-1]["fraction_of_path"] == 1.0 and 0 < info[0]["fraction_of_path"] < 1
+
+
+def test_disback_recording_lr_scale_applies_to_recording_only(teacher, tmp_path):
+    params = {"base": "dmd2", "base_params": {**FAST["dmd2"], "regression_steps": 2, "regression_pairs": 8},
+              "recording_steps": 3, "num_nodes": 1, "recording_lr_scale": 0.1, "nodes_dir": str(tmp_path)}
+    d = build("disback", teacher, params)
+    base = [d.base.lr_scale(s, "critic") for s in range(2)]
+    assert [d.stage(s) for s in (1, 2, 4, 5)] == ["regression", "recording", "recording", "backtracking"]
+    assert [d.lr_scale(s, "critic") for s in range(2)] == base
+    assert [d.lr_scale(s, "critic") for s in (2, 3, 4)] == pytest.approx([0.1 * d.base.lr_scale(s, "critic") for s in (2, 3, 4)])
+    assert d.lr_scale(5, "critic") == d.base.lr_scale(2, "critic")
+    with pytest.raises(ValueError, match="recording_lr_scale"):
+        build("disback", teacher, {**params, "recording_lr_scale": 0})

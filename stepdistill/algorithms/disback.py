@@ -51,6 +51,7 @@ class DisBackConfig:
     recording_steps: int = 400  # stage 1 length (critic-only updates, generator frozen)
     num_nodes: int = 4  # degradation checkpoints recorded (N); the path has N + 1 entries with the teacher
     node_spacing: str = "uniform"  # uniform: every recording_steps/N steps (the paper); geometric: at R^(i/N)
+    recording_lr_scale: float = 1.0  # critic lr during recording = base critic lr x this (slower = longer path)
     switch_every_steps: int = 200  # stage 2: steps per target node (fixed schedule)
     switch_on_convergence: bool = False  # also switch when the generator gradient has settled
     convergence_window: int = 50  # steps per window of the convergence criterion
@@ -91,6 +92,8 @@ class DisBack(Distiller):
             raise ValueError("need num_nodes >= 1 and recording_steps >= num_nodes")
         if c.node_spacing not in ("uniform", "geometric"):
             raise ValueError(f"algorithm.params.node_spacing must be uniform or geometric, got {c.node_spacing!r}")
+        if c.recording_lr_scale <= 0:
+            raise ValueError(f"algorithm.params.recording_lr_scale must be > 0, got {c.recording_lr_scale}")
         if c.switch_every_steps < 1:
             raise ValueError("algorithm.params.switch_every_steps must be >= 1")
         from ..config import from_dict
@@ -144,7 +147,10 @@ class DisBack(Distiller):
 
     def lr_scale(self, step: int, group: str) -> float:
         fn = getattr(self.base, "lr_scale", None)
-        return fn(self._base_step(step), group) if fn else 1.0
+        scale = fn(self._base_step(step), group) if fn else 1.0
+        if self.stage(step) == "recording":
+            scale *= self.config.recording_lr_scale
+        return scale
 
     def _base_step(self, step: int) -> int:
         return step - self.config.recording_steps if self.stage(step) == "backtracking" else step
@@ -190,7 +196,7 @@ class DisBack(Distiller):
             if first is not None and first > 0.8 and self.config.num_nodes > 1:
                 logger.warning(
                     "DisBack: the first node is already %.0f%% of the way to the degraded end, so the path has "
-                    "few intermediate targets; record with a lower critic lr, fewer recording_steps or "
+                    "few intermediate targets; lower algorithm.params.recording_lr_scale, or use "
                     "node_spacing: geometric", 100 * first)
         _write_json_atomic(self.nodes_dir / "nodes.json", {"kind": self._node_kind(), "nodes": self.node_info})
         logger.info("DisBack node %s: %d tensors, %.2f MB (%s)", name, len(state), size / 2**20, self._node_kind())
