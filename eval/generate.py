@@ -156,22 +156,56 @@ def load_prompts(prompts: Any) -> list[str] | None:
     return out
 
 
-def load_pipeline(folder: str | os.PathLike, device: str | torch.device = "cpu", **kwargs):
-    """``DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`` moved to ``device``.
+TRUST_ENV = "STEPDISTILL_TRUST_REMOTE_CODE"
 
-    ``trust_remote_code=True`` is deliberate: stepdistill's exported class-conditional, multi-student
-    and AR pipelines are self-contained ``.py`` files written next to their weights (so plain diffusers
-    can load them), and diffusers >= 0.38 requires the flag for such folders even when local.  It runs
-    the ``.py`` files in ``folder``: only point this at folders you trust (stock pipelines such as
-    ``StableDiffusionPipeline`` contain no code and are unaffected).
+
+def _shipped_pipeline_files() -> dict[str, bytes]:
+    import stepdistill.pipelines as shipped
+
+    return {f.name: f.read_bytes() for f in Path(shipped.__file__).parent.glob("*.py") if f.name != "__init__.py"}
+
+
+def folder_code_is_ours(folder: str | os.PathLike) -> tuple[bool, list[str]]:
+    """``(every .py file in folder is byte-identical to a pipeline file of this stepdistill install,
+    the .py files that are not)``.  A folder without code is ours trivially."""
+    shipped = _shipped_pipeline_files()
+    foreign = [str(f.relative_to(folder)) for f in sorted(Path(folder).rglob("*.py"))
+               if shipped.get(f.name) != f.read_bytes()]
+    return not foreign, foreign
+
+
+def load_pipeline(folder: str | os.PathLike, device: str | torch.device = "cpu",
+                  trust_remote_code: bool | None = None, **kwargs):
+    """``DiffusionPipeline.from_pretrained(folder)`` moved to ``device``, with an explicit policy for
+    the code a folder carries.
+
+    stepdistill's class-conditional, multi-student and AR exports are self-contained: their pipeline
+    ``.py`` files are written next to the weights so that plain diffusers can load them, and diffusers
+    runs such files only with ``trust_remote_code=True``.  ``trust_remote_code``:
+
+    * ``None`` (default): trusted only when every ``.py`` file in the folder is byte-identical to a
+      pipeline file shipped with this stepdistill install (i.e. the code that runs is our own);
+      a folder with any other code is refused with an error naming the files, unless the
+      environment variable ``STEPDISTILL_TRUST_REMOTE_CODE=1`` opts in (also reachable from the CLI);
+    * ``True``: run the folder's code (only for folders you trust);
+    * ``False``: never run folder code (stock pipelines such as ``StableDiffusionPipeline`` need none).
     """
     from diffusers import DiffusionPipeline
 
     p = Path(folder).expanduser()
     if not (p / "model_index.json").is_file():
         raise EvalInputError(f"{p}: not a diffusers pipeline folder (no model_index.json)")
+    if trust_remote_code is None:
+        ours, foreign = folder_code_is_ours(p)
+        trust_remote_code = ours or os.environ.get(TRUST_ENV, "") == "1"
+        if not trust_remote_code:
+            raise EvalInputError(
+                f"{p}: holds code that is not a pipeline file of this stepdistill install ({', '.join(foreign)}); "
+                f"it is not run by default. If you trust it, set {TRUST_ENV}=1 (or pass trust_remote_code=True). "
+                "A folder exported by another stepdistill version can be re-exported with `stepdistill export`."
+            )
     try:
-        pipe = DiffusionPipeline.from_pretrained(str(p), trust_remote_code=True, **kwargs)
+        pipe = DiffusionPipeline.from_pretrained(str(p), trust_remote_code=trust_remote_code, **kwargs)
     except EvalInputError:
         raise
     except Exception as e:  # noqa: BLE001

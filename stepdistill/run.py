@@ -453,14 +453,10 @@ def run_ar_distillation(cfg: RunConfig, export: bool = True, eval_fn=None, eval_
     teacher = build_teacher(cfg.teacher)
     seed_build(cfg)
     distiller = algorithms.build(cfg.algorithm.name, teacher, cfg.algorithm.params)
-    rank, world = 0, 1
-    try:
-        from accelerate import PartialState
+    from accelerate import PartialState
 
-        state = PartialState()
-        rank, world = state.process_index, state.num_processes
-    except Exception:  # pragma: no cover - accelerate is a dependency
-        pass
+    state = PartialState()  # the launch's rank and world size (1 process without a launcher)
+    rank, world = state.process_index, state.num_processes
     source = distiller.make_source(seed=cfg.train.seed, rank=rank, world=world, progress=cfg.train.progress)
     student = distiller.generator_for_export()
     n = cfg.train.num_sample_images

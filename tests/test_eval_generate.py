@@ -171,6 +171,38 @@ def test_pipeline_folder_loaded_with_trust_remote_code(tmp_path, monkeypatch):
         G.load_pipeline(tmp_path)
 
 
+def test_folder_code_runs_only_when_it_is_ours_or_opted_in(tmp_path, monkeypatch):
+    """Default policy: a folder's .py files run only when byte-identical to a pipeline file shipped
+    with stepdistill; other code needs STEPDISTILL_TRUST_REMOTE_CODE=1 or trust_remote_code=True."""
+    import shutil
+
+    import stepdistill.pipelines.one_step as one_step
+
+    folder = tmp_path / "pipe"
+    folder.mkdir()
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": ["one_step", "OneStepPipeline"]}))
+    shutil.copyfile(one_step.__file__, folder / "one_step.py")
+    seen = {}
+
+    def fake_from_pretrained(path, **kw):
+        seen.clear()
+        seen.update(kw)
+        return FakeClassPipeline()
+
+    monkeypatch.setattr(DiffusionPipeline, "from_pretrained", staticmethod(fake_from_pretrained))
+    monkeypatch.delenv(G.TRUST_ENV, raising=False)
+    G.load_pipeline(folder)
+    assert seen["trust_remote_code"] is True  # our own file: runs
+    (folder / "one_step.py").write_text((folder / "one_step.py").read_text() + "\nimport os  # edited\n")
+    with pytest.raises(EvalInputError, match="one_step.py.*STEPDISTILL_TRUST_REMOTE_CODE"):
+        G.load_pipeline(folder)
+    G.load_pipeline(folder, trust_remote_code=False)
+    assert seen["trust_remote_code"] is False
+    monkeypatch.setenv(G.TRUST_ENV, "1")
+    G.load_pipeline(folder)
+    assert seen["trust_remote_code"] is True
+
+
 def test_class_accuracy_real_values(det):
     good = evaluate_class_accuracy(FakeClassPipeline(), 200, det, batch_size=64, progress=False)
     bad = evaluate_class_accuracy(FakeClassPipeline(wrong=True), 200, det, batch_size=64, progress=False)
