@@ -277,6 +277,23 @@ def _lcm_scheduler(scheduler_config: dict, prediction_type: str, timesteps: list
     return sched
 
 
+def _provenance(metrics, extra, snippet: str) -> dict:
+    """The metadata every export records: metrics, caller extras, how to load, versions, time."""
+    import diffusers
+
+    import stepdistill
+
+    return {
+        "metrics": _jsonable(metrics or {}),
+        "extra": _jsonable(extra or {}),
+        "loading_snippet": snippet,
+        "stepdistill_version": getattr(stepdistill, "__version__", None),
+        "diffusers_version": diffusers.__version__,
+        "torch_version": torch.__version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
 def _jsonable(value: Any) -> Any:
     if isinstance(value, dict):
         return {str(k): _jsonable(v) for k, v in value.items()}
@@ -478,9 +495,7 @@ def export_generator(
             "timesteps; `num_inference_steps=k` runs the first k of them."
         )
 
-    import diffusers
 
-    import stepdistill
 
     meta = {
         "format": 1,
@@ -497,13 +512,7 @@ def export_generator(
         "ema": use_ema_state is not None,
         "scheduler": "LCMScheduler",
         "teacher_scheduler_config": _jsonable(dict(denoiser.scheduler_config)),
-        "metrics": _jsonable(metrics or {}),
-        "extra": _jsonable(extra or {}),
-        "loading_snippet": snippet,
-        "stepdistill_version": getattr(stepdistill, "__version__", None),
-        "diffusers_version": diffusers.__version__,
-        "torch_version": torch.__version__,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        **_provenance(metrics, extra, snippet),
     }
     card = _model_card(meta, snippet, alt)
 
@@ -596,11 +605,7 @@ def export_teacher_pipeline(
         "pipeline": "ClassConditionalPipeline",
         "num_classes": num_classes,
         "scheduler": type(scheduler).__name__,
-        "metrics": _jsonable(metrics or {}),
-        "extra": _jsonable(extra or {}),
-        "loading_snippet": snippet,
-        "diffusers_version": diffusers.__version__,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        **_provenance(metrics, extra, snippet),
     }
     card_lines = [
         "---",
@@ -835,9 +840,7 @@ def export_multi_student(
         ]
     )
 
-    import diffusers
 
-    import stepdistill
 
     meta = {
         "format": 1,
@@ -858,13 +861,7 @@ def export_multi_student(
         "ema": [s is not None for s in use_ema_states],
         "scheduler": "LCMScheduler",
         "teacher_scheduler_config": schedule,
-        "metrics": _jsonable(metrics or {}),
-        "extra": _jsonable(extra or {}),
-        "loading_snippet": snippet,
-        "stepdistill_version": getattr(stepdistill, "__version__", None),
-        "diffusers_version": diffusers.__version__,
-        "torch_version": torch.__version__,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        **_provenance(metrics, extra, snippet),
     }
     card = _model_card(meta, snippet, alt)
 
@@ -961,7 +958,6 @@ def export_ar_teacher_pipeline(
     ``ARImagePipeline`` folder (``ar_image.py`` copied in, list-form ``_class_name``); loads with
     ``DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`` and
     ``ARTeacher.from_pretrained(folder)``."""
-    import diffusers
 
     out = Path(output_dir).expanduser().absolute()
     snippet = (
@@ -981,11 +977,7 @@ def export_ar_teacher_pipeline(
         "grid_size": list(teacher.grid_size),
         "token_order": teacher.token_order,
         "sampling": teacher.settings(),
-        "metrics": _jsonable(metrics or {}),
-        "extra": _jsonable(extra or {}),
-        "loading_snippet": snippet,
-        "diffusers_version": diffusers.__version__,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        **_provenance(metrics, extra, snippet),
     }
     h, w = teacher.grid_size
     lines = [
@@ -1020,7 +1012,6 @@ def export_dd_pipeline(
 
     ``use_ema_state``: the student's EMA ``state_dict()`` (``transformer.``-prefixed keys), exported
     instead of the live weights.  The pipeline reproduces ``student(noise, labels, num_steps)``."""
-    import diffusers
 
     from stepdistill.pipelines.distilled_decoding import DistilledDecodingPipeline
 
@@ -1061,12 +1052,7 @@ def export_dd_pipeline(
         "rbf_tau": getattr(student, "rbf_tau", None),
         "teacher_sampling": teacher.settings() if hasattr(teacher, "settings") else None,
         "ema": use_ema_state is not None,
-        "metrics": _jsonable(metrics or {}),
-        "extra": _jsonable(extra or {}),
-        "loading_snippet": snippet,
-        "diffusers_version": diffusers.__version__,
-        "torch_version": torch.__version__,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        **_provenance(metrics, extra, snippet),
     }
     lines = [
         f"A Distilled Decoding student ({paper or algorithm}) of an autoregressive VQ + causal-LM teacher: "
