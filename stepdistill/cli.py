@@ -159,12 +159,10 @@ def _dispatch(parser, args) -> int:
         print(f"wrote {path}")
         return 0
     if args.command == "export":
-        from .run import export_ar_run, export_run
+        from .run import export_run
 
-        run_cfg = Path(args.run) / "config.yaml"
-        is_ar = run_cfg.exists() and load_config(str(run_cfg)).teacher.kind == "ar"
-        out = (export_ar_run if is_ar else export_run)(args.run, args.output, checkpoint=args.checkpoint,
-                                                       use_ema=not args.no_ema, overwrite=args.overwrite)
+        out = export_run(args.run, args.output, checkpoint=args.checkpoint, use_ema=not args.no_ema,
+                         overwrite=args.overwrite)
         print(f"pipeline written to {out}")
         return 0
     if args.command == "demo":

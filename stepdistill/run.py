@@ -247,12 +247,10 @@ def run_distillation(cfg: RunConfig, export: bool = True, eval_fn=None, eval_eve
 # export of a finished or interrupted run
 
 
-def export_run(run_dir: str | Path, output: str | Path, checkpoint: str = "latest", use_ema: bool = True,
-               overwrite: bool = False) -> Path:
-    """Export the generator of a training run (its ``config.yaml`` + a checkpoint) as a pipeline."""
+def _load_run(run_dir: str | Path, checkpoint: str = "latest"):
+    """``(cfg, checkpoint folder, teacher, distiller)`` of a training run folder."""
     from .algorithms import build
-    from .export import export_generator
-    from .training import latest_checkpoint, load_checkpoint_weights
+    from .training import latest_checkpoint
 
     run_dir = Path(run_dir)
     cfg_file = run_dir / "config.yaml"
@@ -262,8 +260,22 @@ def export_run(run_dir: str | Path, output: str | Path, checkpoint: str = "lates
     ckpt = latest_checkpoint(run_dir) if checkpoint == "latest" else Path(checkpoint)
     if ckpt is None:
         raise FileNotFoundError(f"{run_dir} has no complete checkpoint under checkpoints/")
+    if cfg.teacher.kind == "ar":
+        from .algorithms import distilled_decoding  # noqa: F401  (registers "dd")
     teacher = build_teacher(cfg.teacher)
-    distiller = build(cfg.algorithm.name, teacher, cfg.algorithm.params)
+    return cfg, ckpt, teacher, build(cfg.algorithm.name, teacher, cfg.algorithm.params)
+
+
+def export_run(run_dir: str | Path, output: str | Path, checkpoint: str = "latest", use_ema: bool = True,
+               overwrite: bool = False) -> Path:
+    """Export the generator of a training run (its ``config.yaml`` + a checkpoint) as a pipeline;
+    Distilled Decoding runs (``teacher.kind: ar``) go to :func:`export_ar_run`."""
+    from .export import export_generator
+    from .training import load_checkpoint_weights
+
+    cfg, ckpt, teacher, distiller = _load_run(run_dir, checkpoint)
+    if cfg.teacher.kind == "ar":
+        return _export_ar(cfg, ckpt, teacher, distiller, output, use_ema, overwrite)
     groups = distiller.trainable()
     ema_group = getattr(distiller, "ema_group", "generator")
     state = None
@@ -493,21 +505,14 @@ def export_ar_run(run_dir: str | Path, output: str | Path, checkpoint: str = "la
                   overwrite: bool = False) -> Path:
     """``export_run`` for Distilled Decoding runs (``teacher.kind: ar``): the student of a checkpoint
     (EMA weights if saved) as a ``DistilledDecodingPipeline`` folder."""
-    from . import algorithms
-    from .algorithms import distilled_decoding  # noqa: F401  (registers "dd")
-    from .export import export_dd_pipeline
-    from .training import latest_checkpoint, load_checkpoint_weights
+    cfg, ckpt, teacher, distiller = _load_run(run_dir, checkpoint)
+    return _export_ar(cfg, ckpt, teacher, distiller, output, use_ema, overwrite)
 
-    run_dir = Path(run_dir)
-    cfg_file = run_dir / "config.yaml"
-    if not cfg_file.exists():
-        raise FileNotFoundError(f"{run_dir} has no config.yaml; is it a folder written by `stepdistill train`?")
-    cfg = load_config(str(cfg_file))
-    ckpt = latest_checkpoint(run_dir) if checkpoint == "latest" else Path(checkpoint)
-    if ckpt is None:
-        raise FileNotFoundError(f"{run_dir} has no complete checkpoint under checkpoints/")
-    teacher = build_ar_teacher(cfg.teacher)
-    distiller = algorithms.build(cfg.algorithm.name, teacher, cfg.algorithm.params)
+
+def _export_ar(cfg, ckpt, teacher, distiller, output, use_ema: bool, overwrite: bool) -> Path:
+    from .export import export_dd_pipeline
+    from .training import load_checkpoint_weights
+
     ema = use_ema and (ckpt / "generator_ema.safetensors").exists()
     state = load_checkpoint_weights(ckpt, "generator", ema=ema)
     distiller.student.load_state_dict(state)

@@ -344,14 +344,16 @@ def test_run_ar_distillation_smoke(teacher, tmp_path):
     )
     # re-export the run's checkpoint (EMA weights): same tokens as the pipeline written at the end
     from stepdistill.pipelines.distilled_decoding import DistilledDecodingPipeline
-    from stepdistill.run import export_ar_run
+    from stepdistill.run import export_ar_run, export_run
 
     again = export_ar_run(tmp_path / "run", tmp_path / "again")
+    generic = export_run(tmp_path / "run", tmp_path / "generic")  # the generic entry dispatches AR runs
     noise = torch.randn(3, 16, 2, generator=torch.Generator().manual_seed(0))
     toks = [
         DistilledDecodingPipeline.from_pretrained(str(f))(
             class_labels=[1, 2, 3], noise=noise, output_type="tokens"
         ).images
-        for f in (result["pipeline"], again)
+        for f in (result["pipeline"], again, generic)
     ]
     assert torch.equal(toks[0], toks[1])
+    assert torch.equal(toks[0], toks[2])
