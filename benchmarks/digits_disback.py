@@ -78,19 +78,14 @@ def eval_spread(work_dir: Path, method: str, seeds: int) -> dict:
 
     import torch
 
-    from stepdistill.algorithms import build
-    from stepdistill.config import load_config
     from stepdistill.eval import evaluate_generator
-    from stepdistill.run import build_teacher
-    from stepdistill.training import latest_checkpoint, load_checkpoint_weights
+    from stepdistill.run import load_run
+    from stepdistill.training import load_checkpoint_weights
 
     sys.path.insert(0, str(ROOT))
     from digits_onestep import noise_from, student_forward, to_uint8
 
-    run = work_dir / method.replace("-", "_")
-    cfg = load_config(str(run / "config.yaml"))
-    distiller = build(cfg.algorithm.name, build_teacher(cfg.teacher), cfg.algorithm.params)
-    ckpt = latest_checkpoint(run)
+    _, ckpt, _, distiller = load_run(work_dir / method.replace("-", "_"))
     distiller.generator_for_export().load_state_dict(load_checkpoint_weights(ckpt, "generator"))
 
     def gen_fn(gens, labels):

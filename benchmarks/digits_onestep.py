@@ -148,16 +148,12 @@ def student_row(method, args, command, commit) -> dict:
 def rescore_row(method, args, command, commit) -> dict:
     """Row for a finished run folder (``--rescore``): latest checkpoint, curve from its log.jsonl,
     training time from file times (config written at start -> last checkpoint)."""
-    from stepdistill.algorithms import build
-    from stepdistill.config import load_config
     from stepdistill.eval import evaluate_generator
-    from stepdistill.run import build_teacher
-    from stepdistill.training import latest_checkpoint, load_checkpoint_weights
+    from stepdistill.run import load_run
+    from stepdistill.training import load_checkpoint_weights
 
     run = Path(args.work_dir) / method
-    cfg = load_config(str(run / "config.yaml"))
-    distiller = build(cfg.algorithm.name, build_teacher(cfg.teacher), cfg.algorithm.params)
-    ckpt = latest_checkpoint(run)
+    _, ckpt, _, distiller = load_run(run)
     for group, module in distiller.trainable().items():
         if group.endswith("generator"):
             module.load_state_dict(load_checkpoint_weights(ckpt, group))

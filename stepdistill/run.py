@@ -247,7 +247,7 @@ def run_distillation(cfg: RunConfig, export: bool = True, eval_fn=None, eval_eve
 # export of a finished or interrupted run
 
 
-def _load_run(run_dir: str | Path, checkpoint: str = "latest"):
+def load_run(run_dir: str | Path, checkpoint: str = "latest"):
     """``(cfg, checkpoint folder, teacher, distiller)`` of a training run folder."""
     from .algorithms import build
     from .training import latest_checkpoint
@@ -273,7 +273,7 @@ def export_run(run_dir: str | Path, output: str | Path, checkpoint: str = "lates
     from .export import export_generator
     from .training import load_checkpoint_weights
 
-    cfg, ckpt, teacher, distiller = _load_run(run_dir, checkpoint)
+    cfg, ckpt, teacher, distiller = load_run(run_dir, checkpoint)
     if cfg.teacher.kind == "ar":
         return _export_ar(cfg, ckpt, teacher, distiller, output, use_ema, overwrite)
     groups = distiller.trainable()
@@ -505,7 +505,7 @@ def export_ar_run(run_dir: str | Path, output: str | Path, checkpoint: str = "la
                   overwrite: bool = False) -> Path:
     """``export_run`` for Distilled Decoding runs (``teacher.kind: ar``): the student of a checkpoint
     (EMA weights if saved) as a ``DistilledDecodingPipeline`` folder."""
-    cfg, ckpt, teacher, distiller = _load_run(run_dir, checkpoint)
+    cfg, ckpt, teacher, distiller = load_run(run_dir, checkpoint)
     return _export_ar(cfg, ckpt, teacher, distiller, output, use_ema, overwrite)
 
 
