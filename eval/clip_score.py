@@ -138,12 +138,12 @@ def evaluate_clip_score(
     images pair one-to-one with the prompts."""
     from .generate import iter_sample_pipeline, load_prompts
     from .inputs import classify_source, load_image_folder, load_npz
-    from .metrics import _is_pipeline
+    from .metrics import is_pipeline
 
     plist = load_prompts(prompts)
     if plist is None:
         raise EvalInputError("CLIP score needs prompts (--prompts FILE, one per line)")
-    is_pipe = _is_pipeline(source) or (isinstance(source, (str, os.PathLike))
+    is_pipe = is_pipeline(source) or (isinstance(source, (str, os.PathLike))
                                        and classify_source(source).kind == "pipeline")
     if is_pipe:
         n = num_images or len(plist)

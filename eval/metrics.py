@@ -65,7 +65,8 @@ def resolve_detector(detector: Detector | str | None = None, **kwargs: Any) -> D
     return detector
 
 
-def _is_pipeline(obj: Any) -> bool:
+def is_pipeline(obj: Any) -> bool:
+    """True for a diffusers pipeline object (without importing diffusers when it is not loaded)."""
     if "diffusers" not in sys.modules:  # no pipeline object can exist; avoid the slow import
         return False
     from diffusers import DiffusionPipeline
@@ -128,7 +129,7 @@ def compute_stats(
             x = x[:num_images]
         meta["source"] = {"type": "array", "n": int(x.shape[0])}
         return stats_from_batches([x], det, "images", meta)
-    if _is_pipeline(source) or (isinstance(source, (str, os.PathLike)) and classify_source(source).kind == "pipeline"):
+    if is_pipeline(source) or (isinstance(source, (str, os.PathLike)) and classify_source(source).kind == "pipeline"):
         if num_images is None:
             raise EvalInputError("sampling a pipeline needs a number of images (--num-images)")
         gen = iter_sample_pipeline(source, num_images, seed=seed, batch_size=batch_size, class_labels=labels,
@@ -207,7 +208,7 @@ def _describe_source(src: Any) -> Any:
         return os.fspath(src)
     if isinstance(src, FeatureStats):
         return {"type": "stats", **({"source": src.metadata.get("source")} if src.metadata.get("source") else {})}
-    return type(src).__name__ if not callable(src) or _is_pipeline(src) else getattr(src, "__name__", "fn")
+    return type(src).__name__ if not callable(src) or is_pipeline(src) else getattr(src, "__name__", "fn")
 
 
 def compute_fid(
@@ -237,7 +238,7 @@ def compute_fid(
     st_a = compute_stats(a, det, num_images, seed=seed, batch_size=batch_size, cache=cache,
                          cache_dir=cache_dir, progress=progress, **gen_kwargs)
     nb = num_images_b
-    if nb is None and (callable(b) or _is_pipeline(b)
+    if nb is None and (callable(b) or is_pipeline(b)
                        or (isinstance(b, (str, os.PathLike)) and classify_source(b).kind == "pipeline")):
         nb = num_images
     st_b = compute_stats(b, det, nb, seed=seed if seed_b is None else seed_b, batch_size=batch_size,
@@ -289,7 +290,7 @@ def load_images_and_labels(
     labels: Any = "uniform", num_classes: int | None = 10, progress: bool = True, **call_kwargs: Any,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Images and the labels they were generated with (or carry), from any labelled source."""
-    if _is_pipeline(source) or (isinstance(source, (str, os.PathLike)) and classify_source(source).kind == "pipeline"):
+    if is_pipeline(source) or (isinstance(source, (str, os.PathLike)) and classify_source(source).kind == "pipeline"):
         if num_images is None:
             raise EvalInputError("sampling a pipeline needs a number of images (--num-images)")
         xs, ys = [], []

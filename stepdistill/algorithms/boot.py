@@ -28,7 +28,7 @@ from torch import nn
 from ..teachers.base import DiffusionTeacher, append_dims
 from . import register
 from .base import Distiller, LossOutput
-from .common import make_generator
+from .common import batch_size_of, draw_conditions, make_generator
 
 
 @dataclass
@@ -82,12 +82,9 @@ class BOOT(Distiller):
     def loss(self, batch: dict, step: int, group: str, cache: dict) -> LossOutput:
         c = self.config
         teacher = self.teacher
-        n = _n(batch)
+        n = batch_size_of(batch)
         device = teacher.sigmas.device
-        raw = batch.get("raw_cond")
-        if raw is None:
-            raw = teacher.random_raw_conditions(n)
-        cond = teacher.encode_conditions(raw) if raw is not None else None
+        cond = draw_conditions(teacher, batch, n)
         eps = torch.randn((n, *teacher.sample_shape), device=device)
         t = torch.randint(c.query_timestep + c.step_size, self.T + 1, (n,), device=device)
         s = t - c.step_size
@@ -114,8 +111,3 @@ class BOOT(Distiller):
             logs["boundary"] = float(l_bc.detach())
         return LossOutput(loss, logs)
 
-
-def _n(batch: dict) -> int:
-    from .dmd2 import _batch_size
-
-    return _batch_size(batch)

@@ -1,5 +1,8 @@
-"""Machinery shared by the score-distillation algorithms (DMD2, VSD, DisBack, MSD).
+"""Machinery shared by the score-distillation algorithms (DMD2, VSD, BOOT, DisBack, MSD).
 
+* :func:`batch_size_of`, :func:`draw_conditions`, :func:`generate_cached` — the per-step plumbing:
+  how many samples a batch asks for, its conditions (given or drawn from the teacher), and the
+  generator sample of the step, cached so that every phase of one step sees the same ``x``.
 * :func:`make_generator` — the one-/few-step student from a teacher copy, with the guard against
   conditioning timesteps where the x0 conversion is ill-posed.
 * :func:`denoising_weight` / :func:`critic_denoising_loss` — the fake-score ("critic") loss in
@@ -13,6 +16,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +24,61 @@ from torch import Tensor, nn
 
 from ..students import Generator
 from ..teachers.base import Cond, DiffusionTeacher, append_dims, cond_index
+
+# ---------------------------------------------------------------------------------------------
+# per-step plumbing
+
+
+def batch_size_of(batch: dict) -> int:
+    """Generator batch size: explicit ``batch_size``, else the conditions', else the data's."""
+    if batch.get("batch_size") is not None:
+        return int(batch["batch_size"])
+    for key in ("raw_cond", "real"):
+        v = batch.get(key)
+        if v is not None:
+            return len(v)
+    raise ValueError("batch carries neither a batch_size, conditions nor data")
+
+
+def draw_conditions(teacher: DiffusionTeacher, batch: dict, n: int) -> Cond | None:
+    """The batch's conditions encoded by ``teacher``; when the batch carries none (data-free runs),
+    ``n`` raw conditions drawn from the teacher's own distribution (global torch RNG).  ``None``
+    for an unconditional teacher."""
+    raw = batch.get("raw_cond")
+    if raw is None:
+        raw = teacher.random_raw_conditions(n)
+    return teacher.encode_conditions(raw) if raw is not None else None
+
+
+def generate_cached(
+    teacher: DiffusionTeacher,
+    generator: Generator,
+    batch: dict,
+    cache: dict,
+    grad: bool,
+    rollout: Callable[[Tensor, Cond | None], Tensor] | None = None,
+) -> tuple[Tensor, Cond | None]:
+    """The generator's sample for this step and its conditions, ``(x, cond)``.
+
+    Without ``grad`` a sample already in ``cache`` (detached) is reused, so a critic phase sees the
+    generator phase's ``x``.  Otherwise: conditions (:func:`draw_conditions`), then unit noise
+    ``z`` of the generator's sample shape, then ``x = rollout(z, cond)`` (default
+    ``generator(z, cond)``) with gradients iff ``grad``; ``x.detach()`` and ``cond`` are cached.
+    The draw order (conditions, then noise) is part of the contract: runs are reproducible by seed.
+    """
+    if not grad and "x" in cache:
+        return cache["x"], cache["cond"]
+    n = batch_size_of(batch)
+    cond = draw_conditions(teacher, batch, n)
+    z = torch.randn((n, *generator.sample_shape), device=teacher.sigmas.device)
+    with torch.set_grad_enabled(grad):
+        x = generator(z, cond) if rollout is None else rollout(z, cond)
+    cache["x"], cache["cond"] = x.detach(), cond
+    return x, cond
+
+
+# ---------------------------------------------------------------------------------------------
+# the student
 
 
 class GeneratorTimestepError(ValueError):

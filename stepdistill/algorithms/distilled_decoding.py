@@ -69,7 +69,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..data.sources import BatchSource, _EpochPermutation, derive_seed
+from ..data.sources import BatchSource, EpochPermutation, derive_seed
 from ..pipelines.distilled_decoding import dd_generate, dd_layout, dd_logits
 from . import register
 from .base import Distiller, LossOutput
@@ -353,7 +353,7 @@ class PairSource(BatchSource):
     def __init__(self, pairs: dict[str, Tensor], seed: int = 0):
         self.pairs = pairs
         self.seed = int(seed)
-        self._plan = _EpochPermutation(int(pairs["tokens"].shape[0]), self.seed, "dd-pair-source")
+        self._plan = EpochPermutation(int(pairs["tokens"].shape[0]), self.seed, "dd-pair-source")
 
     def __len__(self) -> int:
         return int(self.pairs["tokens"].shape[0])

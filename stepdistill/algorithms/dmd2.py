@@ -31,10 +31,12 @@ from .base import Distiller, LossOutput
 from .common import (
     BottleneckFeatures,
     GANHead,
+    batch_size_of,
     critic_denoising_loss,
     default_weighting,
     frac_to_index,
     gan_feature_shape,
+    generate_cached,
     make_generator,
     nonsaturating_d_loss,
     nonsaturating_g_loss,
@@ -132,28 +134,16 @@ class DMD2(Distiller):
         return self.generator
 
     # -- losses ---------------------------------------------------------------------------------
-    def _cond(self, batch, n, device):
-        raw = batch.get("raw_cond")
-        if raw is None:
-            raw = self.teacher.random_raw_conditions(n)
-        return self.teacher.encode_conditions(raw) if raw is not None else None
-
     def _generate(self, batch: dict, step: int, cache: dict, grad: bool):
         """Generator sample for this step (cached so that both phases see the same x)."""
-        if "x" in cache and not grad:
-            return cache["x"].detach(), cache["cond"]
-        device = self.teacher.sigmas.device
-        n = _batch_size(batch)
-        cond = self._cond(batch, n, device)
-        z = torch.randn((n, *self.generator.sample_shape), device=device)
         gen = self.generator
-        with torch.set_grad_enabled(grad):
+
+        def rollout(z, cond):
             if gen.num_steps > 1 and self.config.backward_simulation:
-                x = self._backward_simulation(z, cond, step)
-            else:
-                x = gen(z, cond, num_steps=gen.num_steps)
-        cache["x"], cache["cond"] = x.detach(), cond
-        return x, cond
+                return self._backward_simulation(z, cond, step)
+            return gen(z, cond, num_steps=gen.num_steps)
+
+        return generate_cached(self.teacher, gen, batch, cache, grad, rollout)
 
     def _backward_simulation(self, z, cond, step):
         """DMD2 §3.6: roll the current student out k steps without grad (k shared across ranks,
@@ -177,7 +167,7 @@ class DMD2(Distiller):
 
     def _regression_loss(self, batch: dict) -> LossOutput:
         p = self.pairs
-        n = _batch_size(batch)
+        n = batch_size_of(batch)
         idx = torch.randint(0, p["noise"].shape[0], (n,))
         cond = self.teacher.encode_conditions(p["raw_cond"][idx]) if "raw_cond" in p else None
         x = self.generator(p["noise"][idx].to(self.teacher.sigmas.device), cond)
@@ -236,17 +226,6 @@ class DMD2(Distiller):
             loss = loss + c.gan_weight_d * d
             logs.update(gan_d=float(d.detach()), d_real=float(lr.mean().detach()), d_fake=float(lf.mean().detach()))
         return LossOutput(loss, logs)
-
-
-def _batch_size(batch: dict) -> int:
-    """Generator batch size: explicit ``batch_size``, else the conditions', else the data's."""
-    if batch.get("batch_size") is not None:
-        return int(batch["batch_size"])
-    for key in ("raw_cond", "real"):
-        v = batch.get(key)
-        if v is not None:
-            return len(v)
-    raise ValueError("batch carries neither a batch_size, conditions nor data")
 
 
 __all__ = ["DMD2", "DMD2Config", "cond_index"]

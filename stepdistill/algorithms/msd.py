@@ -26,7 +26,7 @@ from torch import nn
 from ..teachers.base import DelegatingTeacher, DiffusionTeacher, append_dims
 from . import REGISTRY, register
 from .base import Distiller, LossOutput
-from .common import denoising_weight, teacher_pairs
+from .common import batch_size_of, denoising_weight, teacher_pairs
 
 # ---------------------------------------------------------------------------------------------
 # partitions
@@ -261,7 +261,7 @@ class MSD(Distiller):
 
     def loss(self, batch: dict, step: int, group: str, cache: dict) -> LossOutput:
         k, g = self._split(group)
-        n = _n(batch)
+        n = batch_size_of(batch)
         key = f"msd_batch{k}"
         if key not in cache:
             cache[key] = self._slice_batch(batch, k, n)
@@ -297,8 +297,3 @@ class MSD(Distiller):
     def load_state_dict_extra(self, state: dict) -> None:
         self._tsm_done = list(state.get("tsm_done", self._tsm_done))
 
-
-def _n(batch: dict) -> int:
-    from .dmd2 import _batch_size
-
-    return _batch_size(batch)

@@ -29,6 +29,7 @@ from .common import (
     critic_denoising_loss,
     default_weighting,
     frac_to_index,
+    generate_cached,
     make_generator,
     sample_timestep_indices,
 )
@@ -111,18 +112,7 @@ class VSD(Distiller):
         return self._teacher_w() if w is None else w
 
     def _sample(self, batch, cache, grad):
-        if "x" in cache and not grad:
-            return cache["x"], cache["cond"]
-        n = _n(batch)
-        raw = batch.get("raw_cond")
-        if raw is None:
-            raw = self.teacher.random_raw_conditions(n)
-        cond = self.teacher.encode_conditions(raw) if raw is not None else None
-        z = torch.randn((n, *self.generator.sample_shape), device=self.teacher.sigmas.device)
-        with torch.set_grad_enabled(grad):
-            x = self.generator(z, cond)
-        cache["x"], cache["cond"] = x.detach(), cond
-        return x, cond
+        return generate_cached(self.teacher, self.generator, batch, cache, grad)
 
     def loss(self, batch: dict, step: int, group: str, cache: dict) -> LossOutput:
         if group == "generator":
@@ -163,12 +153,6 @@ def _where_cond(mask, a: dict, b: dict) -> dict:
         else:
             out[k] = vb
     return out
-
-
-def _n(batch: dict) -> int:
-    from .dmd2 import _batch_size
-
-    return _batch_size(batch)
 
 
 __all__ = ["VSD", "VSDConfig", "add_lora", "cond_index"]

@@ -75,7 +75,7 @@ class BatchSource:
         return 0
 
 
-class _EpochPermutation:
+class EpochPermutation:
     """Index of global stream position ``p``: ``perm_{p // n}[p % n]`` with a seeded permutation per epoch."""
 
     def __init__(self, n: int, seed: int, salt: str):
@@ -130,7 +130,7 @@ class TensorSource(BatchSource):
         self.images = images
         self.labels = labels
         self.seed = int(seed)
-        self._plan = _EpochPermutation(n, self.seed, "tensor-source")
+        self._plan = EpochPermutation(n, self.seed, "tensor-source")
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -186,7 +186,7 @@ class PromptSource(BatchSource):
                 raise ValueError("PromptSource needs at least one prompt")
         self.prompts = items
         self.seed = int(seed)
-        self._plan = _EpochPermutation(len(items), self.seed, "prompt-source")
+        self._plan = EpochPermutation(len(items), self.seed, "prompt-source")
 
     def __len__(self) -> int:
         return len(self.prompts)
