@@ -17,8 +17,10 @@ from diffusers import DDPMScheduler, StableDiffusionPipeline
 from safetensors import safe_open
 from torch import nn
 
-from stepdistill import export as export_mod
+import stepdistill.pipelines.one_step as one_step_module
 from stepdistill.export import ExportError, export_generator, export_teacher_pipeline
+from stepdistill.export import class_conditional as class_conditional_export
+from stepdistill.export.common import student_network
 from stepdistill.pipelines.class_conditional import ClassConditionalPipeline
 from stepdistill.pipelines.one_step import OneStepPipeline
 from stepdistill.students import Generator
@@ -108,9 +110,7 @@ def test_one_step_folder_layout(exported):
     assert weights.exists() and not list(exported.rglob("*.bin"))
     with safe_open(str(weights), "pt") as f:
         assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float32}
-    assert (exported / "one_step.py").read_text() == (
-        Path(export_mod.__file__).parents[1] / "pipelines" / "one_step.py"
-    ).read_text()
+    assert (exported / "one_step.py").read_text() == Path(one_step_module.__file__).read_text()
     meta = json.loads((exported / "stepdistill.json").read_text())
     assert (
         meta["algorithm"] == "dmd2"
@@ -380,13 +380,13 @@ def test_atomic_write_and_overwrite(student, teacher, tmp_path):
     def boom(*a, **k):
         raise RuntimeError("disk full")
 
-    orig = export_mod._write_metadata
-    export_mod._write_metadata = boom
+    orig = class_conditional_export.write_metadata
+    class_conditional_export.write_metadata = boom
     try:
         with pytest.raises(RuntimeError, match="disk full"):
             export_generator(student, teacher, out, algorithm="dmd2", overwrite=True)
     finally:
-        export_mod._write_metadata = orig
+        class_conditional_export.write_metadata = orig
     assert (out / "keep.txt").read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == [
         "folder"
     ]
@@ -477,7 +477,7 @@ def test_lora_student_and_linear_schedule(tmp_path):
     unet = tiny_sd_components(tmp_path)["unet"]
     unet.add_adapter(peft.LoraConfig(r=2, target_modules=["to_q", "to_k"], init_lora_weights=False))
     fake = Generator(DiffusersTeacher(unet, DDPMScheduler().config, sample_shape=(4, 8, 8)), [899])
-    merged = export_mod._student_network(fake, None)
+    merged = student_network(fake, None)
     assert merged is not unet and not any("lora" in k for k in merged.state_dict())
     x, hidden = torch.randn(1, 4, 8, 8), torch.randn(1, 16, 32)
     with torch.no_grad():

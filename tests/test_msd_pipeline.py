@@ -17,10 +17,10 @@ from diffusers import DDPMScheduler
 from safetensors import safe_open
 from torch import nn
 
-from stepdistill import export as export_mod
 from stepdistill.algorithms import build
 from stepdistill.algorithms.msd import smaller_copy
 from stepdistill.export import ExportError, export_multi_student
+from stepdistill.export.common import lcm_scheduler
 from stepdistill.pipelines.multi_student import MultiStudentPipeline, StudentBank
 from stepdistill.students import Generator
 from stepdistill.teachers.diffusion import DiffusersTeacher
@@ -411,7 +411,7 @@ def test_mismatched_students_are_refused(students, teacher, tmp_path):
 
 def test_pipeline_rejects_bad_route_directly(students):
     bank = StudentBank.from_unets([g.denoiser.model for g in students])
-    sched = export_mod._lcm_scheduler(_cfg(), "v_prediction", TIMESTEPS)
+    sched = lcm_scheduler(_cfg(), "v_prediction", TIMESTEPS)
     with pytest.raises(ValueError, match="only 3 students"):
         MultiStudentPipeline(bank, sched, route=[0, 1, 3])
     with pytest.raises(ValueError, match="num_classes=4 but route has 3 entries"):

@@ -1,0 +1,130 @@
+"""Export trained students (and the embedded teacher) as diffusers pipeline folders.
+
+What gets written (see DESIGN.md §3 "Export"):
+
+* A ``UNet2DConditionModel`` student of a Stable-Diffusion-layout teacher (text encoder + tokenizer
+  + VAE) becomes a **stock** ``StableDiffusionPipeline`` whose scheduler is an ``LCMScheduler``
+  built from the teacher's noise schedule; no custom code is involved::
+
+      pipe = StableDiffusionPipeline.from_pretrained(folder)
+      pipe(prompt, num_inference_steps=1, timesteps=[899], guidance_scale=0.0)
+
+* A ``UNet2DModel`` student (pixel space, or latent space with the teacher's VAE) becomes the
+  package's ``OneStepPipeline``; ``one_step.py`` is written into the folder and ``model_index.json``
+  names the class in list form ``["one_step", "OneStepPipeline"]``, so that
+  ``DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`` works with only diffusers
+  installed (and ``custom_pipeline=folder/one_step.py`` / ``OneStepPipeline.from_pretrained``).
+
+* ``export_teacher_pipeline`` writes a class-conditional teacher UNet as a ``ClassConditionalPipeline``
+  folder the same self-contained way, with ``num_classes`` a top-level key of ``model_index.json``.
+
+* ``export_multi_student`` (MSD: K class-routed students -> ``MultiStudentPipeline``),
+  ``export_ar_teacher_pipeline`` (VQ + causal LM -> ``ARImagePipeline``) and ``export_dd_pipeline``
+  (Distilled Decoding -> ``DistilledDecodingPipeline``) write self-contained folders too.
+
+Layout of this package (one module per output kind)::
+
+    common.py             atomic folders, EMA loading, adapter folding, the LCM scheduler,
+                          provenance metadata and the one model-card builder
+    text_to_image.py      UNet2DConditionModel students -> StableDiffusionPipeline
+    class_conditional.py  UNet2DModel students -> OneStepPipeline; teachers -> ClassConditionalPipeline
+    multi_student.py      MSD students -> MultiStudentPipeline
+    autoregressive.py     AR teachers -> ARImagePipeline; DD students -> DistilledDecodingPipeline
+
+The self-contained pipeline files are written into the folder once, by the pipeline class's own
+``save_pretrained`` (byte-identical to the installed file, which ``stepdistill.eval`` checks before
+it runs a folder's code).
+
+Where the training-time timesteps are recorded:
+
+* ``OneStepPipeline`` folders: ``model_index.json`` ``"timesteps"`` (a pipeline ``__init__``
+  argument, the default sampling schedule) and ``"num_classes"``;
+* every student folder: ``scheduler/scheduler_config.json`` ``"_stepdistill_timesteps"``.  The
+  leading underscore matters: diffusers (0.42.1) silently keeps unknown ``_``-keys in a loaded
+  scheduler's config (also through ``from_config`` into other scheduler classes), whereas a plain
+  unknown key triggers "The config attributes ... are not expected and will be ignored" on every
+  load.  Stock ``StableDiffusionPipeline`` folders also get ``"_stepdistill_timesteps"`` in
+  ``model_index.json`` (likewise ignored silently by the loader);
+* ``stepdistill.json`` (full metadata) and the model card ``README.md`` (exact call).
+
+Scheduler settings: ``clip_sample=False`` and ``thresholding=False`` (the training-time generator
+neither clips nor thresholds x0), and ``original_inference_steps = num_train_timesteps`` so every
+integer timestep lies on LCM's "training schedule" (no warning for e.g. 749) and LCM's default
+``num_inference_steps=k`` schedule is evenly spaced from ``T-1`` (4 steps: 999, 749, 499, 249).
+
+Every folder is written atomically: it is built in ``<output_dir>.tmp-<pid>`` and moved into place
+with ``os.replace``; an existing non-empty ``output_dir`` is refused unless ``overwrite=True``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .autoregressive import export_ar_teacher_pipeline, export_dd_pipeline
+from .class_conditional import export_one_step_student, export_teacher_pipeline
+from .common import (
+    LCM_PREDICTION_TYPES,
+    METADATA_FILE,
+    SCHEDULER_TIMESTEPS_KEY,
+    SUPPORTED,
+    ExportError,
+    atomic_output_dir,
+    check_student,
+    unwrap,
+)
+from .multi_student import export_multi_student
+from .text_to_image import export_sd_student
+
+__all__ = [
+    "ExportError",
+    "atomic_output_dir",
+    "export_generator",
+    "export_teacher_pipeline",
+    "export_multi_student",
+    "export_ar_teacher_pipeline",
+    "export_dd_pipeline",
+    "SCHEDULER_TIMESTEPS_KEY",
+    "METADATA_FILE",
+    "LCM_PREDICTION_TYPES",
+    "SUPPORTED",
+]
+
+
+def export_generator(
+    generator,
+    teacher,
+    output_dir: str | Path,
+    *,
+    algorithm: str,
+    paper: str = "",
+    metrics: dict | None = None,
+    extra: dict | None = None,
+    use_ema_state: dict | None = None,
+    overwrite: bool = False,
+    teacher_name: str | None = None,
+) -> Path:
+    """Write ``generator`` (a :class:`stepdistill.students.Generator`) as a diffusers folder.
+
+    Args:
+        generator: the trained student; its network is ``generator.denoiser.model``, its
+            training-time timesteps ``generator.timesteps`` and its parametrisation
+            ``generator.denoiser.prediction_type``.
+        teacher: the teacher it was distilled from (gives text encoder / tokenizer / VAE and the
+            name in the model card).
+        output_dir: destination folder (written atomically).
+        algorithm, paper, metrics, extra: recorded in the model card and ``stepdistill.json``.
+        use_ema_state: EMA weights to export instead of the live ones: a state dict of the network
+            (keys may carry a ``denoiser.model.`` prefix) or a diffusers ``EMAModel.state_dict()``.
+        overwrite: replace a non-empty existing ``output_dir``.
+        teacher_name: how to name the teacher in the card (default: its ``_name_or_path``).
+
+    Returns the folder.  Raises ``NotImplementedError`` for students that cannot be exported
+    (flow-matching students, networks other than UNet2DModel / UNet2DConditionModel, SDXL).
+    """
+    denoiser = check_student(generator)
+    out = Path(output_dir).expanduser().absolute()
+    kwargs = dict(algorithm=algorithm, paper=paper, metrics=metrics, extra=extra, use_ema_state=use_ema_state,
+                  overwrite=overwrite, teacher_name=teacher_name)
+    if type(unwrap(denoiser.model)).__name__ == "UNet2DConditionModel":
+        return export_sd_student(generator, teacher, out, **kwargs)
+    return export_one_step_student(generator, teacher, out, **kwargs)

@@ -1,0 +1,144 @@
+"""``UNet2DModel`` students (pixel space, or latent space with the teacher's VAE) and class-conditional
+``UNet2DModel`` teachers, as self-contained pipeline folders.
+
+* students -> ``OneStepPipeline`` (``one_step.py`` written next to the weights by the pipeline's
+  ``save_pretrained``, list-form ``_class_name``);
+* teachers -> ``ClassConditionalPipeline`` (``class_conditional.py``, ``num_classes`` top-level in
+  ``model_index.json``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import nn
+
+from .common import (
+    ExportError,
+    atomic_output_dir,
+    fp32,
+    frozen_part,
+    lcm_scheduler,
+    model_card,
+    provenance,
+    remote_code_snippet,
+    student_card,
+    student_meta,
+    student_network,
+    training_timesteps,
+    unwrap,
+    write_metadata,
+)
+
+ONE_STEP_NOTE = (
+    "`one_step.py` (in this folder) holds the pipeline class; it needs only diffusers. "
+    "Equivalent loaders: `DiffusionPipeline.from_pretrained(folder, "
+    'custom_pipeline=folder + "/one_step.py", trust_remote_code=True)` and, with stepdistill '
+    "installed, `from stepdistill.pipelines.one_step import OneStepPipeline; "
+    "OneStepPipeline.from_pretrained(folder)`. By default the pipeline runs the training-time "
+    "timesteps; `num_inference_steps=k` runs the first k of them."
+)
+
+
+def export_one_step_student(generator, teacher, out: Path, *, algorithm: str, paper: str = "", metrics=None,
+                            extra=None, use_ema_state=None, overwrite: bool = False, teacher_name=None) -> Path:
+    """Write a ``UNet2DModel`` student as a self-contained ``OneStepPipeline`` folder (see
+    :func:`stepdistill.export.export_generator`)."""
+    from stepdistill.pipelines.one_step import OneStepPipeline
+
+    denoiser = generator.denoiser
+    num_classes = getattr(denoiser, "num_classes", None)
+    if num_classes is not None:
+        labels = list(range(min(int(num_classes), 4)))
+        call = f"pipe(class_labels={labels}, generator=torch.Generator().manual_seed(0)).images"
+    else:
+        call = "pipe(batch_size=4, generator=torch.Generator().manual_seed(0)).images"
+    snippet = remote_code_snippet(out, f"images = {call}")
+    meta = student_meta(generator, teacher, algorithm=algorithm, paper=paper, pipeline="OneStepPipeline",
+                        name=teacher_name, extra=extra, metrics=metrics, snippet=snippet,
+                        ema=use_ema_state is not None)
+    card = student_card(meta, snippet, [ONE_STEP_NOTE])
+    timesteps = training_timesteps(generator)
+    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+        pipe = OneStepPipeline(
+            unet=student_network(generator, use_ema_state),
+            scheduler=lcm_scheduler(denoiser.scheduler_config, denoiser.prediction_type, timesteps),
+            vae=fp32(frozen_part(teacher, generator, "vae")),
+            timesteps=timesteps,
+            num_classes=num_classes,
+        )
+        pipe.save_pretrained(tmp, safe_serialization=True)  # also writes one_step.py + list-form _class_name
+        write_metadata(tmp, meta, card)
+    return out
+
+
+def _teacher_scheduler(scheduler):
+    import diffusers
+
+    if not isinstance(scheduler, dict):
+        return scheduler
+    cls_name = scheduler.get("_class_name", "DDPMScheduler")
+    sched_cls = getattr(diffusers, cls_name, None)
+    if sched_cls is None:
+        raise ExportError(f"unknown scheduler class {cls_name!r} in the scheduler config")
+    return sched_cls.from_config(scheduler)
+
+
+def export_teacher_pipeline(
+    teacher_unet: nn.Module,
+    scheduler,
+    num_classes: int | None,
+    output_dir: str | Path,
+    *,
+    overwrite: bool = False,
+    metrics: dict | None = None,
+    extra: dict | None = None,
+) -> Path:
+    """Write a (class-conditional) ``UNet2DModel`` teacher as a self-contained
+    ``ClassConditionalPipeline`` folder (``class_conditional.py`` written in, list-form
+    ``_class_name``, ``num_classes`` top-level in ``model_index.json``).
+
+    ``scheduler`` is a diffusers scheduler (its config is the teacher's noise schedule) or a
+    scheduler config dict with ``_class_name``.  ``DiffusersTeacher.from_pretrained`` reads the folder.
+    """
+    from stepdistill.pipelines.class_conditional import ClassConditionalPipeline
+
+    scheduler = _teacher_scheduler(scheduler)
+    unet = unwrap(teacher_unet)
+    if type(unet).__name__ != "UNet2DModel":
+        raise NotImplementedError(
+            f"export_teacher_pipeline writes ClassConditionalPipeline folders for UNet2DModel teachers, got {type(unet).__name__}"
+        )
+    embeds = unet.config.get("num_class_embeds")
+    if num_classes is not None and embeds != num_classes + 1:
+        raise ExportError(
+            f"a class-conditional teacher needs num_class_embeds = num_classes + 1 (null class last); "
+            f"got num_class_embeds={embeds}, num_classes={num_classes}"
+        )
+    out = Path(output_dir).expanduser().absolute()
+    if num_classes is not None:
+        call = ("images = pipe(class_labels=[0, 1, 2, 3], num_inference_steps=50, guidance_scale=1.0,\n"
+                "              generator=torch.Generator().manual_seed(0)).images")
+    else:
+        call = "images = pipe(batch_size=4, num_inference_steps=50, generator=torch.Generator().manual_seed(0)).images"
+    snippet = remote_code_snippet(out, call)
+    meta = {
+        "format": 1,
+        "kind": "teacher",
+        "pipeline": "ClassConditionalPipeline",
+        "num_classes": num_classes,
+        "scheduler": type(scheduler).__name__,
+        **provenance(metrics, extra, snippet),
+    }
+    intro = [
+        f"A `UNet2DModel` diffusion model ({num_classes if num_classes is not None else 'no'} classes; the class "
+        f"index {num_classes} is the null class for classifier-free guidance) with its "
+        f"`{type(scheduler).__name__}` noise schedule."
+    ]
+    note = "`class_conditional.py` (in this folder) holds the pipeline class; it needs only diffusers."
+    card = model_card("Class-conditional diffusion teacher", intro, snippet, metrics=metrics, notes=[note])
+    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+        pipe = ClassConditionalPipeline(unet=fp32(unet), scheduler=scheduler, num_classes=num_classes)
+        pipe.save_pretrained(tmp, safe_serialization=True)  # also writes class_conditional.py
+        write_metadata(tmp, meta, card)
+    return out

@@ -1,0 +1,261 @@
+"""Multi-student (MSD) exports: K class-routed ``UNet2DModel`` students in one self-contained
+``MultiStudentPipeline`` folder (``multi_student.py`` written in the folder and in ``students/`` by the
+pipeline's ``save_pretrained``)."""
+
+from __future__ import annotations
+
+import copy
+import operator
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .common import (
+    ExportError,
+    atomic_output_dir,
+    check_student,
+    fp32,
+    frozen_part,
+    jsonable,
+    lcm_scheduler,
+    provenance,
+    remote_code_snippet,
+    student_card,
+    student_network,
+    training_timesteps,
+    unwrap,
+    write_metadata,
+)
+from .common import teacher_name as _teacher_name
+
+_KIND_HINT = "MultiStudentPipeline routes class labels to UNet2DModel students (text-conditional multi-student export is not supported)"
+
+
+def _shared_settings(generators: list, denoisers: list) -> tuple[str, list[int], dict]:
+    """Prediction type, timesteps and noise schedule, which all students must share."""
+    first = denoisers[0]
+    prediction_type, timesteps = first.prediction_type, training_timesteps(generators[0])
+    schedule = jsonable(dict(first.scheduler_config))
+    for k, (g, d) in enumerate(zip(generators, denoisers)):
+        if d.prediction_type != prediction_type:
+            raise ExportError(
+                f"student {k} predicts {d.prediction_type!r}, student 0 {prediction_type!r}: the students share "
+                "one scheduler, so they need the same prediction type"
+            )
+        ts = training_timesteps(g)
+        if ts != timesteps:
+            raise ExportError(
+                f"student {k} was trained at timesteps {ts}, student 0 at {timesteps}: the students share one "
+                "sampling schedule"
+            )
+        if jsonable(dict(d.scheduler_config)) != schedule:
+            raise ExportError(f"student {k} has a different noise schedule (scheduler_config) than student 0")
+    return prediction_type, timesteps, schedule
+
+
+def _num_classes(teacher, first) -> int:
+    num_classes = getattr(teacher, "num_classes", None) if teacher is not None else None
+    if num_classes is None:
+        num_classes = getattr(first, "num_classes", None)
+    if num_classes is None:
+        raise ExportError(
+            "MultiStudentPipeline routes by class label: the teacher / students must be class-conditional "
+            "(num_classes is None)"
+        )
+    return int(num_classes)
+
+
+def check_route(route, num_classes: int, num_students: int) -> list[int]:
+    """``route`` as a list of ints, one student index per class, every student used."""
+    if isinstance(route, torch.Tensor):
+        route = route.tolist()
+    if route is None or isinstance(route, (str, bytes, dict)) or not hasattr(route, "__len__"):
+        raise ExportError(f"route must be a list with one student index per class, got {route!r}")
+    route = list(route)
+    if len(route) != num_classes:
+        raise ExportError(
+            f"route has {len(route)} entries but the teacher has {num_classes} classes: route[c] must name the "
+            f"student for every class c in 0..{num_classes - 1}"
+        )
+    clean = []
+    for c, k in enumerate(route):
+        try:
+            if isinstance(k, bool):
+                raise TypeError
+            clean.append(operator.index(k))  # int, numpy / torch integers; not floats or bools
+        except TypeError:
+            raise ExportError(f"route[{c}] = {k!r} is not a student index (an integer)") from None
+    homeless = [c for c, k in enumerate(clean) if not 0 <= k < num_students]
+    if homeless:
+        raise ExportError(
+            f"classes {homeless} have no student: route sends them to {[clean[c] for c in homeless]}, but there "
+            f"are {num_students} students (indices 0..{num_students - 1})"
+        )
+    idle = [k for k in range(num_students) if k not in clean]
+    if idle:
+        raise ExportError(f"students {idle} serve no class in route {clean}: drop them or fix the route")
+    return clean
+
+
+def _check_shapes(denoisers: list, num_classes: int) -> None:
+    shape = None
+    for k, d in enumerate(denoisers):
+        cfg = unwrap(d.model).config
+        embeds = cfg.get("num_class_embeds")
+        if not embeds or int(embeds) < num_classes:
+            raise ExportError(
+                f"student {k} has num_class_embeds={embeds}: it cannot embed the {num_classes} class labels"
+            )
+        this = (cfg.in_channels, cfg.sample_size)
+        if shape is not None and this != shape:
+            raise ExportError(
+                f"student {k} generates (in_channels, sample_size) = {this}, student 0 {shape}: all students "
+                "must generate the same sample shape"
+            )
+        shape = this
+
+
+def compact_ranges(values: list[int]) -> str:
+    """[0, 1, 2, 5, 7, 8] -> '0-2, 5, 7-8'."""
+    parts, start, prev = [], None, None
+    for v in values:
+        if start is None:
+            start = prev = v
+        elif v == prev + 1:
+            prev = v
+        else:
+            parts.append(f"{start}-{prev}" if prev > start else f"{start}")
+            start = prev = v
+    if start is not None:
+        parts.append(f"{start}-{prev}" if prev > start else f"{start}")
+    return ", ".join(parts)
+
+
+def _routing_note(denoisers: list, route: list[int], classes: list[list[int]]) -> tuple[str, list[dict]]:
+    rows = ["| student | classes | block_out_channels | parameters |", "|---|---|---|---|"]
+    sizes = []
+    for k, d in enumerate(denoisers):
+        net = unwrap(d.model)
+        n_params = sum(p.numel() for p in net.parameters())
+        sizes.append({"block_out_channels": list(net.config.block_out_channels), "parameters": int(n_params)})
+        rows.append(f"| {k} | {compact_ranges(classes[k])} | {list(net.config.block_out_channels)} | {n_params:,} |")
+    note = "\n".join([
+        f"**Routing.** Each class is generated by exactly one of the {len(denoisers)} students "
+        "(one network evaluation per image per step); `route[c]` in `model_index.json` is the student "
+        "for class `c`:",
+        "",
+        *rows,
+        "",
+        f"`route = {route}`",
+        "",
+        "`multi_student.py` (in this folder and in `students/`) holds the pipeline and the `StudentBank` "
+        "container of the students; it needs only diffusers. With stepdistill installed, "
+        "`from stepdistill.pipelines.multi_student import MultiStudentPipeline; "
+        "MultiStudentPipeline.from_pretrained(folder)` loads it without remote code. By default the "
+        "pipeline runs the training-time timesteps; pass a list of generators (one per image) to make "
+        "each image's noise independent of the batch composition.",
+    ])
+    return note, sizes
+
+
+def _student_nets(generators: list, use_ema_states: list) -> list[nn.Module]:
+    nets, seen = [], set()
+    for g, state in zip(generators, use_ema_states):
+        net = student_network(g, state)
+        if id(net) in seen:  # the same network twice: safetensors refuses shared tensors
+            net = copy.deepcopy(net)
+        seen.add(id(net))
+        nets.append(net)
+    return nets
+
+
+def export_multi_student(
+    generators: list,
+    teacher,
+    route: list[int],
+    output_dir: str | Path,
+    *,
+    algorithm: str = "msd",
+    paper: str = "",
+    metrics: dict | None = None,
+    extra: dict | None = None,
+    use_ema_states: list | None = None,
+    overwrite: bool = False,
+    teacher_name: str | None = None,
+) -> Path:
+    """Write K class-routed students (MSD) as one self-contained ``MultiStudentPipeline`` folder.
+
+    Args:
+        generators: the K trained students (:class:`stepdistill.students.Generator`, e.g.
+            ``MSD.generator_for_export()``); ``UNet2DModel`` networks of any width, sharing the
+            teacher's noise schedule, parametrisation, training-time timesteps and sample shape.
+        teacher: the teacher (gives the VAE of latent students and the name in the model card).
+        route: ``route[c]`` = index of the student that generates class ``c`` (``MSD.route``); one
+            entry per class of the teacher, every entry in ``0..K-1``, every student used.
+        output_dir: destination folder (written atomically).
+        algorithm, paper, metrics, extra: recorded in the model card and ``stepdistill.json``.
+        use_ema_states: ``None`` or a list of K entries, each ``None`` (live weights) or an EMA state
+            as accepted by :func:`export_generator`'s ``use_ema_state``.
+        overwrite: replace a non-empty existing ``output_dir``.
+        teacher_name: how to name the teacher in the card (default: its ``_name_or_path``).
+
+    The folder holds ``model_index.json`` (list-form ``_class_name``, ``route``, ``num_classes``,
+    ``timesteps``), ``multi_student.py`` (also in ``students/``), ``students/`` (one ``StudentBank``
+    model with all K networks), ``scheduler/`` (``LCMScheduler`` with ``_stepdistill_timesteps``),
+    optionally ``vae/``, ``stepdistill.json`` and ``README.md``.  Raises :class:`ExportError` for an
+    invalid route or mismatched students, ``NotImplementedError`` for non-exportable students.
+    """
+    if isinstance(generators, nn.Module) and not isinstance(generators, nn.ModuleList):
+        generators = [generators]
+    generators = list(generators)
+    if not generators:
+        raise ExportError("export_multi_student needs at least one student generator")
+    k_students = len(generators)
+    denoisers = [check_student(g, ("UNet2DModel",), f"student {k}: ", _KIND_HINT) for k, g in enumerate(generators)]
+    prediction_type, timesteps, schedule = _shared_settings(generators, denoisers)
+    num_classes = _num_classes(teacher, denoisers[0])
+    route = check_route(route, num_classes, k_students)
+    classes = [[c for c in range(num_classes) if route[c] == k] for k in range(k_students)]
+    use_ema_states = [None] * k_students if use_ema_states is None else list(use_ema_states)
+    if len(use_ema_states) != k_students:
+        raise ExportError(f"use_ema_states has {len(use_ema_states)} entries for {k_students} students")
+    _check_shapes(denoisers, num_classes)
+
+    out = Path(output_dir).expanduser().absolute()
+    labels = list(range(min(num_classes, 4)))
+    snippet = remote_code_snippet(
+        out, f"images = pipe(class_labels={labels}, generator=torch.Generator().manual_seed(0)).images"
+    )
+    note, sizes = _routing_note(denoisers, route, classes)
+    meta = {
+        "format": 1, "algorithm": algorithm, "paper": paper,
+        "teacher": _teacher_name(teacher, generators[0], teacher_name, extra),
+        "pipeline": "MultiStudentPipeline", "student_class": "UNet2DModel",
+        "num_students": k_students, "route": route, "classes": classes, "students": sizes,
+        "timesteps": timesteps, "timestep_indices": [int(t) for t in generators[0].timesteps],
+        "prediction_type": prediction_type, "num_classes": num_classes,
+        "sample_shape": list(getattr(generators[0], "sample_shape", ()) or ()),
+        "ema": [s is not None for s in use_ema_states],
+        "scheduler": "LCMScheduler", "teacher_scheduler_config": schedule,
+        **provenance(metrics, extra, snippet),
+    }
+    return _write(out, overwrite, generators, use_ema_states, denoisers[0], meta, student_card(meta, snippet, [note]),
+                  frozen_part(teacher, generators[0], "vae"))
+
+
+def _write(out, overwrite, generators, use_ema_states, first, meta, card, vae) -> Path:
+    from stepdistill.pipelines.multi_student import MultiStudentPipeline, StudentBank
+
+    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+        pipe = MultiStudentPipeline(
+            students=StudentBank.from_unets(_student_nets(generators, use_ema_states)),
+            scheduler=lcm_scheduler(first.scheduler_config, meta["prediction_type"], meta["timesteps"]),
+            vae=fp32(vae),
+            route=meta["route"],
+            timesteps=meta["timesteps"],
+            num_classes=meta["num_classes"],
+        )
+        pipe.save_pretrained(tmp, safe_serialization=True)  # also writes multi_student.py (root + students/)
+        write_metadata(tmp, meta, card)
+    return out
