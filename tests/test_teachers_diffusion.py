@@ -898,3 +898,36 @@ def test_device_handling_cuda():
     assert s.device.type == "cuda"
     student = teacher.trainable_copy()
     assert student.sigmas.device.type == "cuda" and next(student.parameters()).device.type == "cuda"
+
+
+def test_unsupported_families_get_one_line_messages(class_pipeline_dir, tmp_path):
+    """A folder of another family is refused before any weights load, naming what is supported."""
+    cases = {
+        "kandinsky": {"_class_name": "KandinskyV22Pipeline", "unet": ["diffusers", "UNet2DConditionModel"],
+                      "text_encoder_2": None},
+        "pixart": {"_class_name": "PixArtAlphaPipeline", "transformer": ["diffusers", "PixArtTransformer2DModel"],
+                   "text_encoder": ["transformers", "T5EncoderModel"]},
+        "pixart_old": {"_class_name": "PixArtAlphaPipeline", "transformer": ["diffusers", "Transformer2DModel"],
+                       "text_encoder": ["transformers", "T5EncoderModel"]},
+        "sana": {"_class_name": "SanaPipeline", "transformer": ["diffusers", "SanaTransformer2DModel"]},
+    }
+    for name, index in cases.items():
+        d = _copy_dir(class_pipeline_dir, tmp_path / name)
+        sub = "transformer" if "transformer" in index else "unet"
+        (d / sub).mkdir(exist_ok=True)
+        index = {**index, "scheduler": ["diffusers", "DDPMScheduler"]}
+        (d / "model_index.json").write_text(json.dumps(index))
+        if name == "kandinsky":
+            # a UNet2DConditionModel with an added embedding other than SDXL's is refused after its config loads
+            torch.manual_seed(0)
+            shutil.rmtree(d / "unet")
+            UNet2DConditionModel(
+                sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
+                norm_num_groups=4, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32, attention_head_dim=2,
+                addition_embed_type="text", encoder_hid_dim=32,
+            ).save_pretrained(d / "unet")
+        with pytest.raises(TeacherLoadError, match="supported: UNet2DModel.*FluxTransformer2DModel") as e:
+            DiffusersTeacher.from_pretrained(d)
+        msg = str(e.value)
+        assert "\n" not in msg and str(d) in msg, msg

@@ -52,6 +52,41 @@ class TeacherLoadError(ValueError):
     """A teacher folder or configuration cannot be used; the message says why and what to do."""
 
 
+#: the teacher families :meth:`DiffusersTeacher.from_pretrained` loads (named by every refusal)
+SUPPORTED_FAMILIES = (
+    "supported: UNet2DModel (DDPM/ADM-style, unconditional or class-conditional), "
+    "UNet2DConditionModel (Stable Diffusion 1.x/2.x, SDXL base), Transformer2DModel/DiTTransformer2DModel "
+    "(class-conditional DiT), SD3Transformer2DModel (SD3/SD3.5), FluxTransformer2DModel (FLUX.1)"
+)
+
+
+def teacher_family(path, index: dict, cls_name: str) -> str:
+    """generic | sdxl | sd3 | flux for a pipeline folder's ``model_index.json`` whose denoiser class
+    is ``cls_name``; any other family raises a one-line :class:`TeacherLoadError`."""
+    pipe = index.get("_class_name") or "this pipeline"
+    if cls_name == "UNet2DConditionModel":
+        if _component(index, "text_encoder_2"):
+            if not _component(index, "text_encoder"):
+                raise TeacherLoadError(
+                    f"{path}: {pipe} has only text_encoder_2 (an SDXL refiner, aesthetic-score time ids), "
+                    f"which is not a supported teacher; {SUPPORTED_FAMILIES}"
+                )
+            return "sdxl"
+        return "generic"
+    if cls_name in ("UNet2DModel", "Transformer2DModel", "DiTTransformer2DModel"):
+        if cls_name != "UNet2DModel" and _component(index, "text_encoder"):
+            raise TeacherLoadError(
+                f"{path}: {pipe} is a text-conditional {cls_name} (PixArt-style), which is not a supported "
+                f"teacher; {SUPPORTED_FAMILIES}"
+            )
+        return "generic"
+    if cls_name == "SD3Transformer2DModel":
+        return "sd3"
+    if cls_name == "FluxTransformer2DModel":
+        return "flux"
+    raise TeacherLoadError(f"{path}: {pipe} ({cls_name}) is not a supported teacher family; {SUPPORTED_FAMILIES}")
+
+
 def _scheduler_config_dict(scheduler_config: Any) -> dict:
     """Accept a config dict / FrozenDict or a scheduler object; keep the class name when known."""
     if hasattr(scheduler_config, "config") and not isinstance(scheduler_config, dict):
@@ -102,6 +137,8 @@ class DiffusersTeacher(DiffusionTeacher):
             embedding of "") or "zeros" (SDXL-style all-zero embeddings).
         vae: latent models; ``decode`` maps latents to images with ``vae.config.scaling_factor``.
         sample_shape: (C, H, W) of the denoised space; inferred from the model config if omitted.
+        flow_shift: flow teachers: the timestep shift of the training grid (default: the scheduler
+            config's ``shift``; resolution-dependent teachers such as Flux pass ``exp(mu)``).
     """
 
     def __init__(
@@ -116,6 +153,7 @@ class DiffusersTeacher(DiffusionTeacher):
         null_prompt: str = "empty",
         sample_shape: tuple[int, ...] | None = None,
         guidance_scale: float = 1.0,
+        flow_shift: float | None = None,
     ):
         super().__init__()
         self.model = model
@@ -149,7 +187,9 @@ class DiffusersTeacher(DiffusionTeacher):
         self.flow_timestep_scale = float(n)
         self.flow_shift = 1.0
         if pt == "flow":
-            shift = self.scheduler_config.get("shift")
+            shift = flow_shift
+            if shift is None:
+                shift = self.scheduler_config.get("shift")
             if shift is None:
                 shift = self.scheduler_config.get("flow_shift", 1.0)
             self.flow_shift = float(shift)
@@ -237,6 +277,11 @@ class DiffusersTeacher(DiffusionTeacher):
             raise TeacherLoadError(
                 f"{root} has no '{denoiser_name}' folder although model_index.json names it"
             )
+        family = teacher_family(path, index, cls_name)
+        if family == "flux":
+            from .flow_transformers import check_flux_guidance_weights
+
+            check_flux_guidance_weights(path, src, local)
         model = _load_component(
             path,
             denoiser_name,
@@ -246,6 +291,26 @@ class DiffusersTeacher(DiffusionTeacher):
         sched_entry = _component(index, "scheduler")
         if sched_entry is not None:
             sched_cfg.setdefault("_class_name", sched_entry[1])
+        if family != "generic":
+            if family == "sdxl":
+                from .sdxl import SDXLTeacher as family_cls
+            elif family == "sd3":
+                from .flow_transformers import SD3Teacher as family_cls
+            else:
+                from .flow_transformers import FluxTeacher as family_cls
+            teacher = family_cls.from_folder(
+                path, src, index, model, sched_cfg,
+                prediction_type=prediction_type, guidance_scale=guidance_scale, dtype=dtype,
+                null_prompt=null_prompt,
+            )
+            freeze(teacher.model)
+            return teacher
+        added = model.config.get("addition_embed_type") if cls_name == "UNet2DConditionModel" else None
+        if added is not None:
+            raise TeacherLoadError(
+                f"{path}: a UNet2DConditionModel with addition_embed_type={added!r} outside an SDXL base "
+                f"folder is not a supported teacher; {SUPPORTED_FAMILIES}"
+            )
         text_encoder = tokenizer = vae = None
         if _component(index, "text_encoder"):
             import transformers
@@ -266,11 +331,6 @@ class DiffusersTeacher(DiffusionTeacher):
             )
             tokenizer = _load_component(
                 path, "tokenizer", lambda: tok_cls.from_pretrained(src, subfolder="tokenizer")
-            )
-        if _component(index, "text_encoder_2"):
-            raise TeacherLoadError(
-                f"{path}: two text encoders (SDXL-style) are not supported by DiffusersTeacher.from_pretrained yet; "
-                "build the teacher from its components and pass conditions as encoder_hidden_states/added_cond_kwargs"
             )
         if _component(index, "vae"):
             vae_name = _component(index, "vae")[1]
@@ -304,31 +364,46 @@ class DiffusersTeacher(DiffusionTeacher):
         return teacher
 
     def trainable_copy(self) -> DiffusersTeacher:
-        """A trainable deep copy of the denoiser sharing the frozen text encoder / VAE.
+        """A trainable deep copy of the denoiser sharing the frozen text encoder(s) / VAE.
 
         The copy's ``parameters()`` are exactly the copied network (float32, requires_grad, train
-        mode); the text encoder and VAE are shared by reference, outside its module tree.
+        mode); the text encoders and VAE are shared by reference, outside its module tree.  Train
+        mode would switch on the network's own label dropout (diffusers' DiT drops 10% of the
+        class labels at random); :func:`disable_label_dropout` turns it off, so a copy denoises
+        exactly like the teacher until it is trained.
         """
         net = copy.deepcopy(self.model).float()
         net.requires_grad_(True)
-        net.train()  # note: train mode enables the network's own dropout (DiT drops labels at random)
-        new = DiffusersTeacher(
-            net,
-            self.scheduler_config,
+        net.train()
+        disable_label_dropout(net)
+        new = type(self)(net, **self._copy_kwargs())
+        # share (not copy) the frozen encoders; keep them out of the module tree so that the copy's
+        # parameters() are exactly the trainable network
+        object.__setattr__(new, "_shared", self._shared_parts())
+        # buffers (sigmas, alphas_cumprod) were built on the CPU: follow the teacher's device
+        return new.to(self.sigmas.device)
+
+    def _copy_kwargs(self) -> dict:
+        """Constructor arguments of a copy of this adapter around another network (encoders and
+        VAE excluded: :meth:`_shared_parts` lends them)."""
+        return dict(
+            scheduler_config=self.scheduler_config,
             prediction_type=self.prediction_type,
             num_classes=self.num_classes,
-            text_encoder=None,
             tokenizer=self.tokenizer,
-            vae=None,
             null_prompt=self.null_prompt,
             sample_shape=self.sample_shape,
             guidance_scale=self.guidance_scale,
+            flow_shift=self.flow_shift if self.prediction_type == "flow" else None,
         )
-        # share (not copy) the frozen encoders; keep them out of the module tree so that the copy's
-        # parameters() are exactly the trainable network
-        object.__setattr__(new, "_shared", {"text_encoder": self._text_encoder(), "vae": self._vae()})
-        # buffers (sigmas, alphas_cumprod) were built on the CPU: follow the teacher's device
-        return new.to(self.sigmas.device)
+
+    def _shared_parts(self) -> dict:
+        return {"text_encoder": self._text_encoder(), "vae": self._vae()}
+
+    def _shared_part(self, name: str):
+        """A frozen component: the attribute itself, or the teacher's when this is a copy."""
+        own = getattr(self, name, None)
+        return own if own is not None else getattr(self, "_shared", {}).get(name)
 
     def _text_encoder(self):
         return (
@@ -663,6 +738,28 @@ def _component(index: dict, name: str) -> tuple[str, str] | None:
     return entry[0], entry[1]
 
 
+def load_folder_part(path, src: str, index: dict, name: str, dtype: torch.dtype = torch.float32, required: bool = True):
+    """Load component ``name`` (a transformers text encoder / tokenizer or a diffusers VAE) of a
+    pipeline folder by the class ``model_index.json`` names; None when absent and not required."""
+    entry = _component(index, name)
+    if entry is None:
+        if required:
+            raise TeacherLoadError(f"{path}: model_index.json names no '{name}' component, which this teacher family needs")
+        return None
+    lib, cls_name = entry
+    import diffusers
+    import transformers
+
+    cls = getattr(transformers if lib == "transformers" else diffusers, cls_name, None)
+    if cls is None:
+        raise TeacherLoadError(f"{path}: component '{name}' has class {lib}.{cls_name}, which is not installed")
+    if name.startswith("tokenizer"):
+        return _load_component(path, name, lambda: cls.from_pretrained(src, subfolder=name))
+    if lib == "transformers":
+        return _load_component(path, name, lambda: cls.from_pretrained(src, subfolder=name, dtype=dtype))
+    return _load_component(path, name, lambda: cls.from_pretrained(src, subfolder=name, torch_dtype=dtype))
+
+
 def _read_json(f: Path) -> Any:
     try:
         return json.loads(f.read_text())
@@ -679,6 +776,19 @@ def _load_component(path, name: str, load):
         raise
     except Exception as e:  # missing weights, corrupted files, incompatible configs
         raise TeacherLoadError(f"{path}: cannot load component '{name}' ({type(e).__name__}: {e})") from e
+
+
+def disable_label_dropout(module: nn.Module) -> nn.Module:
+    """Switch off the class-label dropout of diffusers label embedders (DiT's ``LabelEmbedding``,
+    ``class_dropout_prob`` 0.1), which is active whenever the module is in train mode.
+
+    The null-class row of the embedding table stays (guidance uses it); only the random
+    replacement of labels stops.  Returns ``module``.
+    """
+    for m in module.modules():
+        if type(m).__name__ == "LabelEmbedding" and getattr(m, "dropout_prob", 0) > 0:
+            m.dropout_prob = 0.0
+    return module
 
 
 def _fill_missing(null: Cond, cond: Cond, zeros: bool) -> Cond:
