@@ -105,6 +105,10 @@ class DiffusionTeacher(nn.Module, ABC):
     sample_shape: tuple[int, ...]
     #: default classifier-free guidance scale (1.0 = none)
     guidance_scale: float = 1.0
+    #: True when the guidance scale is an input of the network (guidance-distilled teachers such as
+    #: FLUX.1-dev): ``denoise(..., guidance_scale=w)`` passes ``w`` in the condition's ``"guidance"``
+    #: entry in one network call and never evaluates an unconditional branch (there is no true CFG)
+    embedded_guidance: bool = False
 
     # -- noise levels --------------------------------------------------------------------------
     @property
@@ -168,6 +172,10 @@ class DiffusionTeacher(nn.Module, ABC):
         sigma = torch.as_tensor(sigma, device=x.device, dtype=torch.float32)
         if sigma.ndim == 0:
             sigma = sigma.expand(x.shape[0])
+        if self.embedded_guidance:
+            cond = dict(cond) if cond else dict(self.null_condition(x.shape[0]) or {})
+            cond["guidance"] = torch.full((x.shape[0],), float(w), device=x.device)
+            return self.denoise_raw(x, sigma, cond)
         if w == 1.0 or cond is None:
             return self.denoise_raw(x, sigma, cond)
         null = self.null_condition(x.shape[0])
@@ -218,6 +226,7 @@ class DelegatingTeacher(DiffusionTeacher):
         self.sigmas = inner.sigmas
         self.sample_shape = inner.sample_shape
         self.guidance_scale = inner.guidance_scale
+        self.embedded_guidance = inner.embedded_guidance
 
     def __getattr__(self, name):
         try:

@@ -229,14 +229,20 @@ class DiffusersTeacher(DiffusionTeacher):
         guidance_scale: float = 1.0,
         dtype: torch.dtype = torch.float32,
         null_prompt: str | None = None,
+        sample_shape: tuple[int, ...] | None = None,
     ) -> DiffusersTeacher:
         """Load a diffusers pipeline folder (or hub id when online) as a frozen teacher.
 
         Reads ``model_index.json``: the denoiser is the ``unet`` or ``transformer`` component,
         the noise schedule the ``scheduler`` config; ``text_encoder``/``tokenizer``/``vae`` are used
         when present, and a ``num_classes`` entry marks a class-conditional teacher (DiT-style
-        transformers with ``num_embeds_ada_norm`` are recognised without it).  Every problem with
-        the folder raises :class:`TeacherLoadError` naming the path.
+        transformers with ``num_embeds_ada_norm`` are recognised without it).  SDXL base folders
+        (two text encoders) give a :class:`~stepdistill.teachers.sdxl.SDXLTeacher`, SD3 and FLUX.1
+        folders a :class:`~stepdistill.teachers.flow_transformers.SD3Teacher` /
+        :class:`~stepdistill.teachers.flow_transformers.FluxTeacher`; other families are refused
+        (:data:`SUPPORTED_FAMILIES`).  ``sample_shape`` overrides the latent shape (resolution)
+        inferred from the denoiser config.  Every problem with the folder raises
+        :class:`TeacherLoadError` naming the path.
         """
         import diffusers
 
@@ -301,7 +307,7 @@ class DiffusersTeacher(DiffusionTeacher):
             teacher = family_cls.from_folder(
                 path, src, index, model, sched_cfg,
                 prediction_type=prediction_type, guidance_scale=guidance_scale, dtype=dtype,
-                null_prompt=null_prompt,
+                null_prompt=null_prompt, sample_shape=sample_shape,
             )
             freeze(teacher.model)
             return teacher
@@ -359,6 +365,7 @@ class DiffusersTeacher(DiffusionTeacher):
             vae=vae,
             null_prompt=null_prompt,
             guidance_scale=guidance_scale,
+            sample_shape=sample_shape,
         )
         freeze(teacher.model)
         return teacher

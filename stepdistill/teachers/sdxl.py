@@ -107,7 +107,7 @@ class SDXLTeacher(DiffusersTeacher):
     @classmethod
     def from_folder(
         cls, path, src: str, index: dict, model, sched_cfg: dict, *, prediction_type=None,
-        guidance_scale: float = 1.0, dtype=torch.float32, null_prompt: str | None = None,
+        guidance_scale: float = 1.0, dtype=torch.float32, null_prompt: str | None = None, sample_shape=None,
     ) -> SDXLTeacher:
         """Build from a ``StableDiffusionXLPipeline`` folder whose UNet is already loaded."""
         parts = {
@@ -119,7 +119,7 @@ class SDXLTeacher(DiffusersTeacher):
             null_prompt = "zeros" if index.get("force_zeros_for_empty_prompt", True) else "empty"
         teacher = cls(
             model, sched_cfg, prediction_type=prediction_type, vae=vae, null_prompt=null_prompt,
-            guidance_scale=guidance_scale, **parts,
+            guidance_scale=guidance_scale, sample_shape=sample_shape, **parts,
         )
         teacher.check_time_embedding(path)
         return teacher
