@@ -35,6 +35,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from stepdistill.utils import cache_dir
+
 from .errors import EvalInputError
 
 __all__ = [
@@ -58,9 +60,8 @@ CONFIG_FILE = "detector.json"
 
 # --------------------------------------------------------------------------------------------- utils
 def cache_root() -> Path:
-    """``$STEPDISTILL_CACHE`` or ``~/.cache/stepdistill``."""
-    env = os.environ.get("STEPDISTILL_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "stepdistill"
+    """``$STEPDISTILL_CACHE`` or ``~/.cache/stepdistill`` (:func:`stepdistill.utils.cache_dir`)."""
+    return cache_dir()
 
 
 def default_digits_detector_dir() -> Path:

@@ -71,6 +71,7 @@ from torch import Tensor, nn
 
 from ..data.sources import BatchSource, EpochPermutation, derive_seed
 from ..pipelines.distilled_decoding import dd_generate, dd_layout, dd_logits
+from ..utils import DTYPES, cache_dir
 from . import register
 from .base import Distiller, LossOutput
 
@@ -87,14 +88,6 @@ __all__ = [
     "teacher_token_map",
     "codebook_scale_of",
 ]
-
-_DTYPES = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "float64": torch.float64,
-}
-
 
 # ---------------------------------------------------------------------------------------------
 # 1. the closed-form per-token flow
@@ -255,7 +248,7 @@ class PairSet:
         """The noise (rounded to the storage dtype, returned as float32) and labels of shard ``i``."""
         g = torch.Generator().manual_seed(derive_seed("dd-pairs", int(self.settings["seed"]), i))
         noise = torch.randn(self.shard_size, num_tokens, embed_dim, generator=g)
-        noise = noise.to(_DTYPES[self.settings["storage_dtype"]]).float()
+        noise = noise.to(DTYPES[self.settings["storage_dtype"]]).float()
         labels = torch.arange(i * self.shard_size, (i + 1) * self.shard_size) % num_classes
         return noise, labels
 
@@ -307,7 +300,7 @@ class PairSet:
             )
             tok_dtype = torch.int16 if teacher.codebook_size <= 32767 else torch.int32
             tensors = {
-                "noise": noise.to(_DTYPES[self.settings["storage_dtype"]]).contiguous(),
+                "noise": noise.to(DTYPES[self.settings["storage_dtype"]]).contiguous(),
                 "tokens": tokens.to(tok_dtype).contiguous(),
                 "labels": labels.to(torch.int16 if c < 32767 else torch.int32).contiguous(),
             }
@@ -518,9 +511,9 @@ class DistilledDecoding(Distiller):
             raise ValueError(
                 f"algorithm.params.split_points must start at 0 and increase below {n}, got {sp}"
             )
-        if c.flow_dtype not in _DTYPES:
+        if c.flow_dtype not in DTYPES:
             raise ValueError(
-                f"algorithm.params.flow_dtype must be one of {', '.join(_DTYPES)}, got {c.flow_dtype!r}"
+                f"algorithm.params.flow_dtype must be one of {', '.join(DTYPES)}, got {c.flow_dtype!r}"
             )
         if c.storage_dtype not in ("float32", "float16", "bfloat16"):
             raise ValueError(
@@ -541,14 +534,14 @@ class DistilledDecoding(Distiller):
             "solver": c.flow_solver,
             "t_min": c.flow_t_min,
             "rho": c.flow_rho,
-            "dtype": _DTYPES[c.flow_dtype],
+            "dtype": DTYPES[c.flow_dtype],
         }
 
     def pair_set(self) -> PairSet:
         if self._pair_set is None:
             c = self.config
             t = self.teacher
-            root = Path(c.pairs_dir) if c.pairs_dir else _cache_root() / "dd-pairs"
+            root = Path(c.pairs_dir) if c.pairs_dir else cache_dir() / "dd-pairs"
             settings = {
                 "teacher": t.digest(),
                 **t.settings(),
@@ -653,7 +646,3 @@ class DistilledDecoding(Distiller):
         """The teacher's deterministic map for flow-space ``noise`` (B, n, d) (what the student learns)."""
         codes = self.student.codes.to(self.teacher.device)
         return teacher_token_map(self.teacher, noise, labels, codes, self.flow_kwargs)
-
-
-def _cache_root() -> Path:
-    return Path(os.environ.get("STEPDISTILL_CACHE", Path.home() / ".cache" / "stepdistill"))
