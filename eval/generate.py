@@ -220,6 +220,13 @@ def load_pipeline(folder: str | os.PathLike, device: str | torch.device = "cpu",
 _NUM_CLASS_KEYS = ("num_classes", "num_class_embeds", "num_embeds_ada_norm")
 
 
+def _recorded(pipe: Any, key: str) -> Any:
+    """What a stepdistill export recorded in its scheduler config as ``_stepdistill_<key>`` (diffusers
+    keeps such private keys silently), for stock pipelines that have no config of their own for it."""
+    cfg = getattr(getattr(pipe, "scheduler", None), "config", None)
+    return cfg.get(f"_stepdistill_{key}") if cfg is not None and hasattr(cfg, "get") else None
+
+
 def pipeline_num_classes(pipe: Any) -> int | None:
     """Number of classes of a class-conditional pipeline: ``pipe.num_classes``, ``pipe.config``, or
     a component config (``num_classes`` / ``num_class_embeds`` / DiT's ``num_embeds_ada_norm``)."""
@@ -229,6 +236,8 @@ def pipeline_num_classes(pipe: Any) -> int | None:
     cfg = getattr(pipe, "config", None) or {}
     if isinstance(cfg, dict) and isinstance(cfg.get("num_classes"), int):
         return cfg["num_classes"]
+    if isinstance(_recorded(pipe, "num_classes"), int):  # stock ConsistencyModelPipeline exports
+        return _recorded(pipe, "num_classes")
     try:
         comps = getattr(pipe, "components", None) or {}
     except ValueError:  # a pipeline whose config does not match its __init__ signature
@@ -294,6 +303,13 @@ def iter_sample_pipeline(
             labels = resolve_labels(n, class_labels, k)
     if n <= 0 or batch_size <= 0:
         raise EvalInputError(f"number of images ({n}) and batch size ({batch_size}) must be positive")
+    # stock pipelines of stepdistill exports: sample the recorded training-time timesteps by default
+    recorded = _recorded(pipe, "timesteps")
+    cfg = getattr(pipe, "config", None) or {}
+    if (num_inference_steps is None and "timesteps" not in call_kwargs and recorded
+            and not (isinstance(cfg, dict) and "timesteps" in cfg) and _has_param(pipe.__call__, "timesteps")):
+        call_kwargs["timesteps"] = list(recorded)
+    takes_batch_size = _has_param(pipe.__call__, "batch_size")
     with _progress(n, "sample", progress) as bar:
         for start in range(0, n, batch_size):
             b = min(batch_size, n - start)
@@ -311,6 +327,8 @@ def iter_sample_pipeline(
             elif labels is not None:
                 lab = labels[start : start + b]
                 kw["class_labels"] = lab.tolist()
+                if takes_batch_size:  # ConsistencyModelPipeline sizes its noise by batch_size alone
+                    kw["batch_size"] = b
             else:
                 kw["batch_size"] = b
             out = pipe(**kw)

@@ -84,6 +84,7 @@ def exported(student, teacher, tmp_path_factory):
         metrics={"fid_digits": 12.3456, "class_accuracy": 0.97},
         extra={"train_steps": 300},
         teacher_name="embedded:digits-unet",
+        stock_pipeline=False,  # [999, 749, 499, 249] would be a stock ConsistencyModelPipeline (test_export_stock.py)
     )
     assert path == out.absolute()
     return path
@@ -406,13 +407,15 @@ def test_ema_state_is_exported(student, teacher, tmp_path):
     ema = {k: v.clone() for k, v in student.state_dict().items()}
     assert "denoiser.sigmas" in ema
     ema["denoiser.model.conv_out.bias"] += 1.0
-    out = export_generator(student, teacher, tmp_path / "ema", algorithm="dmd2", use_ema_state=ema)
+    out = export_generator(student, teacher, tmp_path / "ema", algorithm="dmd2", use_ema_state=ema,
+                           stock_pipeline=False)
     loaded = OneStepPipeline.from_pretrained(out).unet
     assert torch.equal(loaded.conv_out.bias, ema["denoiser.model.conv_out.bias"])
     # a plain network state dict works too
     plain = {k: v.clone() for k, v in student.denoiser.model.state_dict().items()}
     plain["conv_in.bias"] += 2.0
-    out2 = export_generator(student, teacher, tmp_path / "ema2", algorithm="dmd2", use_ema_state=plain)
+    out2 = export_generator(student, teacher, tmp_path / "ema2", algorithm="dmd2", use_ema_state=plain,
+                            stock_pipeline=False)
     assert torch.equal(OneStepPipeline.from_pretrained(out2).unet.conv_in.bias, plain["conv_in.bias"])
     assert not torch.equal(
         student.denoiser.model.conv_out.bias, ema["denoiser.model.conv_out.bias"]

@@ -9,8 +9,17 @@ What gets written (see DESIGN.md §3 "Export"):
       pipe = StableDiffusionPipeline.from_pretrained(folder)
       pipe(prompt, num_inference_steps=1, timesteps=[899], guidance_scale=0.0)
 
-* A ``UNet2DModel`` student (pixel space, or latent space with the teacher's VAE) becomes the
-  package's ``OneStepPipeline``; ``one_step.py`` is written into the folder and ``model_index.json``
+* A class-conditional pixel-space ``UNet2DModel`` student (no VAE) whose timesteps are
+  ``LCMScheduler``'s default schedule for its number of steps (``[999]``, ``[999, 749, 499, 249]``)
+  becomes a **stock** ``ConsistencyModelPipeline`` with an ``LCMScheduler``, which runs exactly the
+  training-time generator; no custom code is involved::
+
+      pipe = DiffusionPipeline.from_pretrained(folder)
+      pipe(batch_size=4, class_labels=[0, 1, 2, 3], num_inference_steps=len(timesteps))
+
+* Any other ``UNet2DModel`` student (latent space with the teacher's VAE, other timesteps such as
+  ``[899]``, unconditional, or ``stock_pipeline=False``) becomes the package's ``OneStepPipeline``;
+  ``one_step.py`` is written into the folder and ``model_index.json``
   names the class in list form ``["one_step", "OneStepPipeline"]``, so that
   ``DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`` works with only diffusers
   installed (and ``custom_pipeline=folder/one_step.py`` / ``OneStepPipeline.from_pretrained``).
@@ -27,7 +36,8 @@ Layout of this package (one module per output kind)::
     common.py             atomic folders, EMA loading, adapter folding, the LCM scheduler,
                           provenance metadata and the one model-card builder
     text_to_image.py      UNet2DConditionModel students -> StableDiffusionPipeline
-    class_conditional.py  UNet2DModel students -> OneStepPipeline; teachers -> ClassConditionalPipeline
+    class_conditional.py  UNet2DModel students -> stock ConsistencyModelPipeline or OneStepPipeline;
+                          class-conditional teachers -> ClassConditionalPipeline
     multi_student.py      MSD students -> MultiStudentPipeline
     autoregressive.py     AR teachers -> ARImagePipeline; DD students -> DistilledDecodingPipeline
 
@@ -39,7 +49,9 @@ Where the training-time timesteps are recorded:
 
 * ``OneStepPipeline`` folders: ``model_index.json`` ``"timesteps"`` (a pipeline ``__init__``
   argument, the default sampling schedule) and ``"num_classes"``;
-* every student folder: ``scheduler/scheduler_config.json`` ``"_stepdistill_timesteps"``.  The
+* every student folder: ``scheduler/scheduler_config.json`` ``"_stepdistill_timesteps"`` (stock
+  ``ConsistencyModelPipeline`` folders also ``"_stepdistill_num_classes"``: their UNet's
+  ``num_class_embeds`` counts the null class).  The
   leading underscore matters: diffusers (0.42.1) silently keeps unknown ``_``-keys in a loaded
   scheduler's config (also through ``from_config`` into other scheduler classes), whereas a plain
   unknown key triggers "The config attributes ... are not expected and will be ignored" on every
@@ -61,7 +73,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from .autoregressive import export_ar_teacher_pipeline, export_dd_pipeline
-from .class_conditional import export_one_step_student, export_teacher_pipeline
+from .class_conditional import (
+    export_consistency_student,
+    export_one_step_student,
+    export_teacher_pipeline,
+    stock_pipeline_reproduces,
+)
 from .common import (
     LCM_PREDICTION_TYPES,
     METADATA_FILE,
@@ -102,6 +119,7 @@ def export_generator(
     use_ema_state: dict | None = None,
     overwrite: bool = False,
     teacher_name: str | None = None,
+    stock_pipeline: bool = True,
 ) -> Path:
     """Write ``generator`` (a :class:`stepdistill.students.Generator`) as a diffusers folder.
 
@@ -117,6 +135,10 @@ def export_generator(
             (keys may carry a ``denoiser.model.`` prefix) or a diffusers ``EMAModel.state_dict()``.
         overwrite: replace a non-empty existing ``output_dir``.
         teacher_name: how to name the teacher in the card (default: its ``_name_or_path``).
+        stock_pipeline: write a stock ``ConsistencyModelPipeline`` + ``LCMScheduler`` folder (no
+            custom code) for class-conditional pixel ``UNet2DModel`` students whose timesteps are
+            LCM's default schedule (it reproduces them exactly); ``False``: always the package's
+            self-contained ``OneStepPipeline`` for ``UNet2DModel`` students.
 
     Returns the folder.  Raises ``NotImplementedError`` for students that cannot be exported
     (flow-matching students, networks other than UNet2DModel / UNet2DConditionModel, SDXL).
@@ -127,4 +149,6 @@ def export_generator(
                   overwrite=overwrite, teacher_name=teacher_name)
     if type(unwrap(denoiser.model)).__name__ == "UNet2DConditionModel":
         return export_sd_student(generator, teacher, out, **kwargs)
+    if stock_pipeline and stock_pipeline_reproduces(generator, teacher):
+        return export_consistency_student(generator, teacher, out, **kwargs)
     return export_one_step_student(generator, teacher, out, **kwargs)

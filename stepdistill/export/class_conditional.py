@@ -1,8 +1,15 @@
 """``UNet2DModel`` students (pixel space, or latent space with the teacher's VAE) and class-conditional
 ``UNet2DModel`` teachers, as self-contained pipeline folders.
 
-* students -> ``OneStepPipeline`` (``one_step.py`` written next to the weights by the pipeline's
-  ``save_pretrained``, list-form ``_class_name``);
+* class-conditional pixel students (no VAE) whose timesteps are ``LCMScheduler``'s default schedule
+  for their number of steps (``[999]``, ``[999, 499]``, ``[999, 749, 499, 249]``, ... for 1000
+  training timesteps) -> the **stock** ``ConsistencyModelPipeline`` with an ``LCMScheduler``: it runs
+  exactly the training-time generator (``LCMScheduler.step``) and loads with
+  ``DiffusionPipeline.from_pretrained(folder)``, no custom code;
+* all other ``UNet2DModel`` students (latent students with the teacher's VAE, other timesteps,
+  unconditional or learned-variance networks, or ``stock_pipeline=False``) -> ``OneStepPipeline``
+  (``one_step.py`` written next to the weights by the pipeline's ``save_pretrained``, list-form
+  ``_class_name``);
 * teachers -> ``ClassConditionalPipeline`` (``class_conditional.py``, ``num_classes`` top-level in
   ``model_index.json``).
 """
@@ -14,6 +21,7 @@ from pathlib import Path
 from torch import nn
 
 from .common import (
+    SCHEDULER_NUM_CLASSES_KEY,
     ExportError,
     atomic_output_dir,
     fp32,
@@ -38,6 +46,69 @@ ONE_STEP_NOTE = (
     "OneStepPipeline.from_pretrained(folder)`. By default the pipeline runs the training-time "
     "timesteps; `num_inference_steps=k` runs the first k of them."
 )
+
+
+def lcm_default_timesteps(scheduler, num_steps: int) -> list[int]:
+    """The timesteps ``scheduler.set_timesteps(num_steps)`` chooses (LCM's default schedule)."""
+    probe = type(scheduler).from_config(scheduler.config)
+    probe.set_timesteps(num_steps)
+    return [int(t) for t in probe.timesteps]
+
+
+def stock_pipeline_reproduces(generator, teacher) -> bool:
+    """Whether the stock ``ConsistencyModelPipeline`` + ``LCMScheduler`` runs exactly the training-time
+    generator: a class-conditional pixel ``UNet2DModel`` (no VAE, square samples, no learned variance)
+    whose timesteps are LCM's default schedule for its number of steps."""
+    denoiser = generator.denoiser
+    net = unwrap(denoiser.model)
+    cfg = net.config
+    if type(net).__name__ != "UNet2DModel" or getattr(denoiser, "num_classes", None) is None:
+        return False
+    if frozen_part(teacher, generator, "vae") is not None or not cfg.get("num_class_embeds"):
+        return False
+    if not isinstance(cfg.sample_size, int) or cfg.out_channels != cfg.in_channels:
+        return False
+    timesteps = training_timesteps(generator)
+    scheduler = lcm_scheduler(denoiser.scheduler_config, denoiser.prediction_type, timesteps)
+    return lcm_default_timesteps(scheduler, len(timesteps)) == timesteps
+
+
+def export_consistency_student(generator, teacher, out: Path, *, algorithm: str, paper: str = "", metrics=None,
+                               extra=None, use_ema_state=None, overwrite: bool = False, teacher_name=None) -> Path:
+    """Write a student for which :func:`stock_pipeline_reproduces` holds as a stock
+    ``ConsistencyModelPipeline`` + ``LCMScheduler`` folder (no pipeline code in the folder)."""
+    from diffusers import ConsistencyModelPipeline
+
+    denoiser = generator.denoiser
+    num_classes = int(denoiser.num_classes)
+    timesteps = training_timesteps(generator)
+    labels = list(range(min(num_classes, 4)))
+    snippet = (
+        "import torch\n"
+        "from diffusers import DiffusionPipeline\n\n"
+        f'pipe = DiffusionPipeline.from_pretrained("{out}")\n'
+        f"images = pipe(batch_size={len(labels)}, class_labels={labels}, num_inference_steps={len(timesteps)}, "
+        "generator=torch.Generator().manual_seed(0)).images"
+    )
+    note = (
+        "This is a stock `ConsistencyModelPipeline` with an `LCMScheduler` (no custom code): it runs the "
+        f"training-time generator exactly, because the training-time timesteps `{timesteps}` are LCM's default "
+        f"schedule for `num_inference_steps={len(timesteps)}`. Pass `batch_size` equal to the number of class "
+        f"labels, and labels in 0..{num_classes - 1} (without `class_labels` the pipeline draws random labels, "
+        f"which may hit the null class {num_classes}); `num_inference_steps=k` with k < {len(timesteps)} runs "
+        "LCM's k-step schedule."
+    )
+    meta = student_meta(generator, teacher, algorithm=algorithm, paper=paper, pipeline="ConsistencyModelPipeline",
+                        name=teacher_name, extra=extra, metrics=metrics, snippet=snippet,
+                        ema=use_ema_state is not None)
+    card = student_card(meta, snippet, [note])
+    scheduler = lcm_scheduler(denoiser.scheduler_config, denoiser.prediction_type, timesteps)
+    scheduler.register_to_config(**{SCHEDULER_NUM_CLASSES_KEY: num_classes})
+    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+        pipe = ConsistencyModelPipeline(unet=student_network(generator, use_ema_state), scheduler=scheduler)
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        write_metadata(tmp, meta, card)
+    return out
 
 
 def export_one_step_student(generator, teacher, out: Path, *, algorithm: str, paper: str = "", metrics=None,

@@ -19,13 +19,15 @@ import torch
 from torch import nn
 
 SCHEDULER_TIMESTEPS_KEY = "_stepdistill_timesteps"
+SCHEDULER_NUM_CLASSES_KEY = "_stepdistill_num_classes"  # stock class-conditional folders (no pipeline config)
 METADATA_FILE = "stepdistill.json"
 LCM_PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 EMA_PREFIXES = ("denoiser.model.", "model.", "module.", "generator.denoiser.model.")
 SUPPORTED = (
     "export supports (a) UNet2DConditionModel students of Stable-Diffusion-layout teachers "
     "(text_encoder + tokenizer + vae) -> stock StableDiffusionPipeline + LCMScheduler, and "
-    "(b) UNet2DModel students (pixel space, or latent space with the teacher's vae) -> OneStepPipeline; "
+    "(b) UNet2DModel students (pixel space, or latent space with the teacher's vae) -> stock "
+    "ConsistencyModelPipeline + LCMScheduler where it reproduces the student, else OneStepPipeline; "
     "prediction types epsilon / v_prediction / sample"
 )
 
