@@ -317,3 +317,32 @@ def test_flux_guidance_embedding_mismatch_is_named(flux_dirs, tmp_path):
             DiffusersTeacher.from_pretrained(d)
         msg = str(e.value)
         assert "\n" not in msg and str(d) in msg and "time_text_embed.guidance_embedder" in msg
+
+
+# ---------------------------------------------------------------------------------------------
+# distillation on the new condition layouts
+
+
+@pytest.mark.parametrize(
+    "algo,params",
+    [
+        ("dmd2", {"real_guidance_scale": 4.0}),
+        ("dmd2", {"generator_timesteps": [999, 749, 499, 249], "backward_simulation": True}),
+        ("vsd", {"critic": "full", "cond_dropout": 0.5, "guidance_scale": 3.0}),
+    ],
+)
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_distillation_losses_run(sd3, flux_dirs, family, algo, params):
+    """One generator and one critic loss on the SD3 / FLUX teachers.  (DMD2's GAN head is not
+    covered: its bottleneck hook takes the joint blocks' text stream; see the teachers' report.)"""
+    from stepdistill.algorithms import build
+
+    teacher = sd3[2] if family == "sd3" else _flux(flux_dirs, True, guidance_scale=3.5)[1]
+    torch.manual_seed(0)
+    d = build(algo, teacher, params)
+    cache: dict = {}
+    for group in ("generator", "critic"):
+        out = d.loss({"raw_cond": PROMPTS}, 0, group, cache)
+        assert torch.isfinite(out.loss)
+        out.loss.backward()
+    assert all(p.grad is None for p in teacher.parameters())

@@ -269,3 +269,40 @@ def test_refiner_and_mismatched_folders_are_refused(sdxl_dir, tmp_path):
     (d / "unet" / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(TeacherLoadError):
         DiffusersTeacher.from_pretrained(d)
+
+
+@pytest.mark.parametrize(
+    "algo,params",
+    [
+        ("dmd2", {"real_guidance_scale": 5.0, "gan_weight_g": 0.005, "gan_weight_d": 0.01}),
+        ("dmd2", {"generator_timesteps": [999, 749, 499, 249], "backward_simulation": True}),
+        ("vsd", {"critic": "full", "cond_dropout": 0.5, "guidance_scale": 3.0}),
+    ],
+)
+def test_distillation_losses_run_on_the_sdxl_cond_layout(loaded, algo, params):
+    """One generator and one critic loss with CFG on the nested SDXL condition (GAN head included)."""
+    from stepdistill.algorithms import build
+
+    _, teacher = loaded
+    torch.manual_seed(0)
+    d = build(algo, teacher, params)
+    batch = {"raw_cond": PROMPTS, "real": torch.rand(2, 3, 16, 16) * 2 - 1}
+    cache: dict = {}
+    for group in ("generator", "critic"):
+        out = d.loss(batch, 0, group, cache)
+        assert torch.isfinite(out.loss)
+        out.loss.backward()
+    assert all(p.grad is None for p in teacher.parameters())
+
+
+def test_a_delegating_teacher_guides_with_the_full_null(loaded):
+    """DisBack's node target / MSD's proxy use the generic DiffusionTeacher.denoise: its CFG batch
+    must carry added_cond_kwargs for both halves (null_condition holds every key)."""
+    from stepdistill.teachers.base import DelegatingTeacher
+
+    _, teacher = loaded
+    proxy = DelegatingTeacher(teacher)
+    cond = teacher.encode_conditions(PROMPTS)
+    x = torch.randn(2, 4, 8, 8)
+    with torch.no_grad():
+        assert torch.allclose(proxy.denoise(x, 2.0, cond, 5.0), teacher.denoise(x, 2.0, cond, 5.0), atol=1e-6)
