@@ -25,7 +25,8 @@ def make_grid(
 
     ``nrow`` images per row (default ``ceil(sqrt(N))``).  Images smaller than ``upscale_to`` pixels
     (shorter side) are enlarged by the smallest integer factor that reaches it, nearest neighbour,
-    so that 8x8 digits stay crisp.
+    so that 8x8 digits stay crisp.  The tiling is ``torchvision.utils.make_grid`` (a ``padding``
+    frame of ``pad_value`` around and between the tiles, a single image framed too).
     """
     if not isinstance(images, Tensor):
         images = torch.as_tensor(np.asarray(images))
@@ -38,16 +39,13 @@ def make_grid(
     if upscale_to and min(h, w) < upscale_to:
         f = math.ceil(upscale_to / min(h, w))
         x = x.repeat_interleave(f, dim=2).repeat_interleave(f, dim=3)
-        h, w = h * f, w * f
     nrow = max(1, min(n, nrow or math.ceil(math.sqrt(n))))
-    rows = math.ceil(n / nrow)
-    grid = torch.full(
-        (c, rows * h + (rows + 1) * padding, nrow * w + (nrow + 1) * padding), pad_value, dtype=torch.uint8
-    )
-    for i in range(n):
-        r, k = divmod(i, nrow)
-        top, left = padding + r * (h + padding), padding + k * (w + padding)
-        grid[:, top : top + h, left : left + w] = x[i]
+    if n == 1:  # torchvision returns a lone image without the frame every other grid has
+        grid = torch.nn.functional.pad(x[0], (padding,) * 4, value=pad_value)
+    else:
+        from torchvision.utils import make_grid as tv_make_grid
+
+        grid = tv_make_grid(x, nrow=nrow, padding=padding, pad_value=pad_value)[:c]  # it copies 1 channel to 3
     return grid.permute(1, 2, 0).numpy()
 
 
