@@ -263,9 +263,7 @@ def _read_yaml(path: Path) -> dict:
 def _deep_merge(base: dict, other: dict) -> dict:
     out = dict(base)
     for k, v in other.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "params":
-            out[k] = _deep_merge(out[k], v)
-        elif isinstance(v, dict) and isinstance(out.get(k), dict):
+        if isinstance(v, dict) and isinstance(out.get(k), dict):  # ``params`` mappings merge too
             out[k] = _deep_merge(out[k], v)
         else:
             out[k] = v
