@@ -346,3 +346,17 @@ def test_distillation_losses_run(sd3, flux_dirs, family, algo, params):
         assert torch.isfinite(out.loss)
         out.loss.backward()
     assert all(p.grad is None for p in teacher.parameters())
+
+
+def test_sd3_preset_builds_on_a_tiny_sd3_folder(sd3):
+    from stepdistill.algorithms import build
+    from stepdistill.config import load_config
+    from stepdistill.run import build_teacher
+
+    cfg = load_config("sd3/dmd2")
+    cfg.teacher.path = str(sd3[0])
+    cfg.teacher.dtype = "float32"
+    teacher = build_teacher(cfg.teacher)
+    assert isinstance(teacher, SD3Teacher) and teacher.guidance_scale == 7.0 and teacher.flow_shift == 3.0
+    d = build(cfg.algorithm.name, teacher, dict(cfg.algorithm.params))
+    assert list(d.generator.timesteps) == [999, 749, 499, 249]

@@ -306,3 +306,27 @@ def test_a_delegating_teacher_guides_with_the_full_null(loaded):
     x = torch.randn(2, 4, 8, 8)
     with torch.no_grad():
         assert torch.allclose(proxy.denoise(x, 2.0, cond, 5.0), teacher.denoise(x, 2.0, cond, 5.0), atol=1e-6)
+
+
+@pytest.mark.parametrize("preset", ["sdxl/dmd2_4step", "sdxl/dmd2_1step", "sdxl/disback_dmd2"])
+def test_sdxl_presets_build_on_a_tiny_sdxl_folder(sdxl_dir, preset):
+    """The paper-scale presets' teacher and algorithm sections work with the SDXL loader (the hub
+    path swapped for a tiny local folder; the regression pair count shrunk)."""
+    from stepdistill.algorithms import build
+    from stepdistill.config import load_config
+    from stepdistill.run import build_teacher
+
+    cfg = load_config(preset)
+    cfg.teacher.path = str(sdxl_dir)
+    cfg.teacher.dtype = "float32"
+    teacher = build_teacher(cfg.teacher)
+    assert isinstance(teacher, SDXLTeacher) and teacher.guidance_scale == 8.0
+    params = dict(cfg.algorithm.params)
+    if "regression_pairs" in params:
+        params.update(regression_pairs=2, regression_sampler_steps=2)
+    if cfg.algorithm.name == "disback":
+        assert params["base_params"]["generator_timesteps"] == [399]
+        return  # DisBack wraps the DMD2 built below; its recording writes node files on the first step
+    d = build(cfg.algorithm.name, teacher, params)
+    assert list(d.generator.timesteps) == list(params["generator_timesteps"])
+    assert isinstance(d.generator.denoiser, SDXLTeacher)
