@@ -281,9 +281,12 @@ class ARImagePipeline(DiffusionPipeline):
             _write_self_contained(save_directory, "ar_image", "ARImagePipeline")
         return out
 
+    # Copied from stepdistill.pipelines.one_step.OneStepPipeline.load_config with one_step->ar_image, OneStepPipeline->ARImagePipeline
     @classmethod
     def load_config(cls, *args, **kwargs):
-        """Loading a folder with this class directly uses this class (no remote code needed)."""
+        """Exported folders name the pipeline class in list form (``["ar_image", "ARImagePipeline"]``)
+        for ``trust_remote_code`` loading; when this class itself is asked to load such a folder,
+        use this class instead of the folder's copy of the code (no remote code needed)."""
         out = super().load_config(*args, **kwargs)
         config = out[0] if isinstance(out, tuple) else out
         if cls is not DiffusionPipeline and isinstance(config.get("_class_name"), (list, tuple)):

@@ -28,6 +28,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
 
+# Copied from stepdistill.pipelines.one_step._to_images
 def _to_images(x: torch.Tensor, output_type: str):
     """[-1, 1] NCHW -> images in [0, 1] as "pt" (NCHW), "np" (NHWC) or "pil" (grey for 1 channel)."""
     image = (x / 2 + 0.5).clamp(0, 1)
@@ -44,11 +45,13 @@ def _to_images(x: torch.Tensor, output_type: str):
     return [Image.fromarray(a) for a in uint8]
 
 
+# Copied from stepdistill.pipelines.one_step._step_kwargs
 def _step_kwargs(scheduler, generator) -> dict:
     """Pass ``generator`` to ``scheduler.step`` when it takes one (stochastic schedulers)."""
     return {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
 
 
+# Copied from stepdistill.pipelines.one_step._class_labels
 def _class_labels(class_labels, batch_size, num_images_per_prompt, num_classes, device):
     if num_classes is None:
         if class_labels is not None:
@@ -91,6 +94,7 @@ class ClassConditionalPipeline(DiffusionPipeline):
             num_classes = int(unet.config.num_class_embeds) - 1
         self.register_to_config(num_classes=num_classes)
 
+    # Copied from stepdistill.pipelines.one_step.OneStepPipeline.save_pretrained with one_step->class_conditional, OneStepPipeline->ClassConditionalPipeline
     def save_pretrained(self, save_directory, *args, **kwargs):
         """``DiffusionPipeline.save_pretrained`` plus this file as ``class_conditional.py`` and the list-form
         ``_class_name`` in ``model_index.json``, so the saved folder loads again with
@@ -111,11 +115,12 @@ class ClassConditionalPipeline(DiffusionPipeline):
                 f.write("\n")
         return out
 
+    # Copied from stepdistill.pipelines.one_step.OneStepPipeline.load_config with one_step->class_conditional, OneStepPipeline->ClassConditionalPipeline
     @classmethod
     def load_config(cls, *args, **kwargs):
-        """Exported folders name the pipeline class in list form
-        (``["class_conditional", "ClassConditionalPipeline"]``) for ``trust_remote_code`` loading;
-        when this class itself loads such a folder, use this class (no remote code needed)."""
+        """Exported folders name the pipeline class in list form (``["class_conditional", "ClassConditionalPipeline"]``)
+        for ``trust_remote_code`` loading; when this class itself is asked to load such a folder,
+        use this class instead of the folder's copy of the code (no remote code needed)."""
         out = super().load_config(*args, **kwargs)
         config = out[0] if isinstance(out, tuple) else out
         if cls is not DiffusionPipeline and isinstance(config.get("_class_name"), (list, tuple)):

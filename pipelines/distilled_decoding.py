@@ -167,15 +167,20 @@ def draw_noise(generator, batch: int, num_tokens: int, embed_dim: int, device, d
 # helpers duplicated from ar_image.py (this file must stand alone)
 
 
+# Copied from stepdistill.pipelines.ar_image.decode_tokens with decode_tokens->_decode_tokens
 def _decode_tokens(vqvae, tokens: torch.Tensor, grid_size) -> torch.Tensor:
-    h, w = int(grid_size[0]), int(grid_size[1])
+    """Token indices (B, h*w) in raster order -> images in about [-1, 1] (B, C, H, W)."""
+    h, w = (int(grid_size[0]), int(grid_size[1]))
+    b = tokens.shape[0]
     emb = vqvae.quantize.embedding.weight
-    quant = emb[tokens.reshape(-1).long()].reshape(tokens.shape[0], h, w, emb.shape[1]).permute(0, 3, 1, 2)
-    out = vqvae.decode(quant.contiguous(), force_not_quantize=True, return_dict=False)
+    quant = emb[tokens.reshape(-1).long()].reshape(b, h, w, emb.shape[1]).permute(0, 3, 1, 2).contiguous()
+    out = vqvae.decode(quant.to(emb.dtype), force_not_quantize=True, return_dict=False)
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
+# Copied from stepdistill.pipelines.ar_image.resolve_class_labels with resolve_class_labels->_class_labels
 def _class_labels(class_labels, batch_size: int, num_images_per_prompt: int, num_classes: int, device):
+    """Class ids (int, list, tensor or None = ``0, 1, 2, ...``) -> LongTensor; ``num_classes`` = null."""
     if class_labels is None:
         labels = torch.arange(batch_size) % num_classes
     else:
@@ -183,11 +188,15 @@ def _class_labels(class_labels, batch_size: int, num_images_per_prompt: int, num
     if labels.numel() == 0:
         raise ValueError("class_labels is empty")
     if labels.min() < 0 or labels.max() > num_classes:
-        raise ValueError(f"class labels must lie in [0, {num_classes}], got {labels.tolist()}")
+        raise ValueError(
+            f"class labels must lie in [0, {num_classes - 1}] (or {num_classes}, the null class), got {labels.tolist()}"
+        )
     return labels.repeat_interleave(num_images_per_prompt).to(device)
 
 
+# Copied from stepdistill.pipelines.ar_image.to_images with to_images->_to_images
 def _to_images(x: torch.Tensor, output_type: str):
+    """[-1, 1] NCHW -> "pt" (NCHW in [0, 1]), "np" (NHWC in [0, 1]) or "pil" (grey for 1 channel)."""
     image = (x.float() / 2 + 0.5).clamp(0, 1)
     if output_type == "pt":
         return image
@@ -200,6 +209,22 @@ def _to_images(x: torch.Tensor, output_type: str):
     if uint8.shape[-1] == 1:
         return [Image.fromarray(a[..., 0]) for a in uint8]
     return [Image.fromarray(a) for a in uint8]
+
+
+# Copied from stepdistill.pipelines.ar_image._write_self_contained
+def _write_self_contained(save_directory, module_file: str, class_name: str) -> None:
+    """Copy this file into the folder and name the class in list form in ``model_index.json``."""
+    target = os.path.join(save_directory, f"{module_file}.py")
+    source = os.path.abspath(__file__)
+    if os.path.abspath(target) != source:
+        shutil.copyfile(source, target)
+    index_file = os.path.join(save_directory, "model_index.json")
+    with open(index_file, encoding="utf-8") as f:
+        index = json.load(f)
+    index["_class_name"] = [module_file, class_name]
+    with open(index_file, "w", encoding="utf-8") as f:
+        json.dump(index, f, indent=2, sort_keys=True)
+        f.write("\n")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -256,28 +281,22 @@ class DistilledDecodingPipeline(DiffusionPipeline):
             rbf_tau=None if rbf_tau is None else float(rbf_tau),
         )
 
+    # Copied from stepdistill.pipelines.ar_image.ARImagePipeline.save_pretrained with ar_image->distilled_decoding, ARImagePipeline->DistilledDecodingPipeline
     def save_pretrained(self, save_directory, *args, **kwargs):
-        """``DiffusionPipeline.save_pretrained`` plus this file as ``distilled_decoding.py`` and the
-        list-form ``_class_name``, so the folder loads with ``DiffusionPipeline.from_pretrained(folder,
+        """``DiffusionPipeline.save_pretrained`` plus this file as ``distilled_decoding.py`` and the list-form
+        ``_class_name``, so the folder loads with ``DiffusionPipeline.from_pretrained(folder,
         trust_remote_code=True)``."""
         out = super().save_pretrained(save_directory, *args, **kwargs)
         if type(self) is DistilledDecodingPipeline:
-            target = os.path.join(save_directory, "distilled_decoding.py")
-            source = os.path.abspath(__file__)
-            if os.path.abspath(target) != source:
-                shutil.copyfile(source, target)
-            index_file = os.path.join(save_directory, "model_index.json")
-            with open(index_file, encoding="utf-8") as f:
-                index = json.load(f)
-            index["_class_name"] = ["distilled_decoding", "DistilledDecodingPipeline"]
-            with open(index_file, "w", encoding="utf-8") as f:
-                json.dump(index, f, indent=2, sort_keys=True)
-                f.write("\n")
+            _write_self_contained(save_directory, "distilled_decoding", "DistilledDecodingPipeline")
         return out
 
+    # Copied from stepdistill.pipelines.one_step.OneStepPipeline.load_config with one_step->distilled_decoding, OneStepPipeline->DistilledDecodingPipeline
     @classmethod
     def load_config(cls, *args, **kwargs):
-        """Loading a folder with this class directly uses this class (no remote code needed)."""
+        """Exported folders name the pipeline class in list form (``["distilled_decoding", "DistilledDecodingPipeline"]``)
+        for ``trust_remote_code`` loading; when this class itself is asked to load such a folder,
+        use this class instead of the folder's copy of the code (no remote code needed)."""
         out = super().load_config(*args, **kwargs)
         config = out[0] if isinstance(out, tuple) else out
         if cls is not DiffusionPipeline and isinstance(config.get("_class_name"), (list, tuple)):

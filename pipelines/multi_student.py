@@ -118,6 +118,7 @@ class StudentBank(ModelMixin, ConfigMixin):
         return out if not return_dict else {"sample": out}
 
 
+# Copied from stepdistill.pipelines.one_step._to_images
 def _to_images(x: torch.Tensor, output_type: str):
     """[-1, 1] NCHW -> images in [0, 1] as "pt" (NCHW), "np" (NHWC) or "pil" (grey for 1 channel)."""
     image = (x / 2 + 0.5).clamp(0, 1)
@@ -134,6 +135,7 @@ def _to_images(x: torch.Tensor, output_type: str):
     return [Image.fromarray(a) for a in uint8]
 
 
+# Copied from stepdistill.pipelines.one_step._step_kwargs
 def _step_kwargs(scheduler, generator) -> dict:
     """Pass ``generator`` to ``scheduler.step`` when it takes one (stochastic schedulers)."""
     return {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
@@ -256,6 +258,7 @@ class MultiStudentPipeline(DiffusionPipeline):
         return out
 
     # -- sampling -------------------------------------------------------------------------------
+    # Copied from stepdistill.pipelines.one_step.OneStepPipeline._set_timesteps
     def _set_timesteps(self, num_inference_steps, timesteps, device):
         recorded = self.config.get("timesteps")
         if timesteps is None and num_inference_steps is None:
