@@ -56,17 +56,17 @@ class VSDConfig:
 def add_lora(denoiser: DiffusionTeacher, rank: int, alpha: float, targets: list[str]) -> DiffusionTeacher:
     """Freeze ``denoiser``'s network and attach a trainable peft LoRA adapter to ``targets``."""
     from peft import LoraConfig, inject_adapter_in_model
+    from peft.functional import set_requires_grad
 
     model = getattr(denoiser, "model", denoiser)
     model.requires_grad_(False)
     cfg = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), init_lora_weights=True)
     try:
-        inject_adapter_in_model(cfg, model)
+        inject_adapter_in_model(cfg, model, adapter_name="default")
     except ValueError as e:
         names = sorted({n.split(".")[-1] for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))})
         raise ValueError(f"LoRA targets {targets} not found in {type(model).__name__} ({e}); candidates: {names}") from e
-    for n, p in model.named_parameters():
-        p.requires_grad_("lora_" in n)
+    set_requires_grad(model, "default")  # the adapter's tensors train; the frozen base stays frozen
     return denoiser
 
 
