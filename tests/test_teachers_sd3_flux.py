@@ -360,3 +360,30 @@ def test_sd3_preset_builds_on_a_tiny_sd3_folder(sd3):
     assert isinstance(teacher, SD3Teacher) and teacher.guidance_scale == 7.0 and teacher.flow_shift == 3.0
     d = build(cfg.algorithm.name, teacher, dict(cfg.algorithm.params))
     assert list(d.generator.timesteps) == [999, 749, 499, 249]
+
+
+def test_flux_image_conditioned_variants_are_refused():
+    torch.manual_seed(0)
+    fill = FluxTransformer2DModel(
+        patch_size=1, in_channels=32, out_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[4, 4, 8],
+    )
+    with pytest.raises(TeacherLoadError, match="Fill / Control"):
+        FluxTeacher(fill, dict(FlowMatchEulerDiscreteScheduler().config), tokenizer=object(), tokenizer_2=object())
+
+
+def test_bfloat16_teachers_run_in_their_dtype(sd3, flux_dirs):
+    """Frozen teachers loaded in bf16 (as the presets do): conditions, CFG and the embedded guidance
+    run; outputs are float32 and close to the float32 teacher's."""
+    for path, ref in ((sd3[0], sd3[2]), (flux_dirs[True], _flux(flux_dirs, True)[1])):
+        kw = {"sample_shape": (4, 8, 8)} if isinstance(ref, FluxTeacher) else {}
+        half = DiffusersTeacher.from_pretrained(path, dtype=torch.bfloat16, **kw)
+        assert next(half.model.parameters()).dtype == torch.bfloat16
+        cond = half.encode_conditions(PROMPTS)
+        x = torch.randn(2, 4, 8, 8)
+        with torch.no_grad():
+            got = half.denoise(x, 0.8, cond, 3.0)
+            want = ref.denoise(x, 0.8, ref.encode_conditions(PROMPTS), 3.0)
+        assert got.dtype == torch.float32 and torch.isfinite(got).all()
+        assert (got - want).abs().mean() < 0.1 * want.abs().mean()
+        assert next(half.trainable_copy().parameters()).dtype == torch.float32

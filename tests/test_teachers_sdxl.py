@@ -330,3 +330,31 @@ def test_sdxl_presets_build_on_a_tiny_sdxl_folder(sdxl_dir, preset):
     d = build(cfg.algorithm.name, teacher, params)
     assert list(d.generator.timesteps) == list(params["generator_timesteps"])
     assert isinstance(d.generator.denoiser, SDXLTeacher)
+
+
+def test_bfloat16_sdxl_teacher(sdxl_dir, loaded):
+    _, ref = loaded
+    half = DiffusersTeacher.from_pretrained(sdxl_dir, dtype=torch.bfloat16, guidance_scale=5.0)
+    assert next(half.model.parameters()).dtype == torch.bfloat16
+    x = torch.randn(2, 4, 8, 8)
+    with torch.no_grad():
+        got = half.denoise(x, 2.0, half.encode_conditions(PROMPTS))
+        want = ref.denoise(x, 2.0, ref.encode_conditions(PROMPTS))
+    assert got.dtype == torch.float32 and torch.isfinite(got).all()
+    assert (got - want).abs().mean() < 0.1 * want.abs().mean()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_sdxl_teacher_on_cuda(loaded):
+    _, teacher = loaded
+    teacher = teacher.to("cuda")
+    try:
+        cond = teacher.encode_conditions(PROMPTS)
+        assert cond["added_cond_kwargs"]["time_ids"].device.type == "cuda"
+        x = torch.randn(2, 4, 8, 8, device="cuda")
+        assert teacher.denoise(x, 2.0, cond, 5.0).device.type == "cuda"
+        student = teacher.trainable_copy()
+        assert next(student.parameters()).device.type == "cuda"
+        assert student.null_condition(2)["encoder_hidden_states"].device.type == "cuda"
+    finally:
+        teacher.to("cpu")

@@ -251,6 +251,12 @@ class FluxTeacher(_TextFlowTeacher):
         if tokenizer is None or tokenizer_2 is None:
             raise TeacherLoadError("a FLUX teacher needs both tokenizers (CLIP tokenizer, T5 tokenizer_2)")
         cfg = model.config
+        out_ch = cfg.get("out_channels") or cfg.in_channels
+        if out_ch != cfg.in_channels:
+            raise TeacherLoadError(
+                f"this FluxTransformer2DModel takes {cfg.in_channels} input channels but predicts {out_ch} "
+                "(FLUX Fill / Control style, image-conditioned); only text-to-image FLUX.1 teachers are supported"
+            )
         if sample_shape is None:  # the pipeline's default: 1024 px, 8x VAE -> 128x128 latents
             sample_shape = (int(cfg.in_channels) // 4, 128, 128)
         c, h, w = sample_shape
