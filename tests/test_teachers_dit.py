@@ -76,3 +76,19 @@ def test_disable_label_dropout_is_idempotent_and_returns_the_module():
     assert emb.dropout_prob == 0
     # the null-class row stays (the teacher's CFG needs it)
     assert emb.embedding_table.weight.shape[0] == 11
+
+
+def test_dit_bottleneck_is_a_token_map():
+    """DiT blocks output (B, N, D) tokens; bottleneck() lays them on the 2x2-patch grid."""
+    from stepdistill.algorithms.common import GANHead
+
+    teacher = _teacher()
+    module, to_map = teacher.bottleneck()
+    assert module is teacher.model.transformer_blocks[-1]
+    seen = []
+    h = module.register_forward_hook(lambda m, a, o: seen.append(to_map(o)))
+    with torch.no_grad():
+        teacher.denoise_raw(torch.randn(3, 4, 8, 8), torch.full((3,), 1.0), {"class_labels": torch.tensor([1, 2, 3])})
+    h.remove()
+    assert seen[0].shape == (3, 16, 4, 4)
+    assert GANHead((16, 4, 4))(seen[0]).shape[0] == 3

@@ -387,3 +387,29 @@ def test_bfloat16_teachers_run_in_their_dtype(sd3, flux_dirs):
         assert got.dtype == torch.float32 and torch.isfinite(got).all()
         assert (got - want).abs().mean() < 0.1 * want.abs().mean()
         assert next(half.trainable_copy().parameters()).dtype == torch.float32
+
+
+def _bottleneck_map(teacher, x, sigma, cond):
+    module, to_map = teacher.bottleneck()
+    seen = []
+    h = module.register_forward_hook(lambda m, a, o: seen.append(to_map(o)))
+    try:
+        teacher.denoise_raw(x, sigma, cond)
+    finally:
+        h.remove()
+    return seen[-1]
+
+
+def test_bottleneck_is_the_image_stream_on_the_patch_grid(sd3, flux_dirs):
+    """bottleneck() gives a (B, C, h, w) map a conv GAN head reads (the generic hook on the last
+    transformer block would see the text stream, or None after SD3's last block)."""
+    from stepdistill.algorithms.common import GANHead
+
+    for teacher, grid, width in ((sd3[2], (8, 8), 32), (_flux(flux_dirs, True)[1], (4, 4), 32)):
+        student = teacher.trainable_copy()
+        x = torch.randn(2, 4, 8, 8, requires_grad=True)
+        feat = _bottleneck_map(student, x, torch.full((2,), 1.5), teacher.encode_conditions(PROMPTS))
+        assert feat.shape == (2, width, *grid)
+        assert GANHead(tuple(feat.shape[1:]))(feat).shape[0] == 2
+        feat.pow(2).sum().backward()  # the image stream depends on the input
+        assert x.grad is not None and x.grad.abs().sum() > 0

@@ -358,3 +358,15 @@ def test_sdxl_teacher_on_cuda(loaded):
         assert student.null_condition(2)["encoder_hidden_states"].device.type == "cuda"
     finally:
         teacher.to("cpu")
+
+
+def test_bottleneck_is_the_mid_block(loaded):
+    _, teacher = loaded
+    module, to_map = teacher.bottleneck()
+    assert module is teacher.model.mid_block
+    seen = []
+    h = module.register_forward_hook(lambda m, a, o: seen.append(to_map(o)))
+    with torch.no_grad():
+        teacher.denoise_raw(torch.randn(2, 4, 8, 8), torch.full((2,), 1.0), teacher.encode_conditions(PROMPTS))
+    h.remove()
+    assert seen[0].shape == (2, 16, 4, 4)

@@ -24,6 +24,7 @@ import copy
 import inspect
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -422,6 +423,23 @@ class DiffusersTeacher(DiffusionTeacher):
     def _vae(self):
         return self.vae if self.vae is not None else getattr(self, "_shared", {}).get("vae")
 
+    # -- features --------------------------------------------------------------------------------
+    def bottleneck(self) -> tuple[nn.Module, Callable[[Any], Tensor]]:
+        """Where feature-based heads (DMD2's GAN classifier) read this network: the module to hook
+        and a function that turns that module's forward output into a (B, C, h, w) feature map.
+
+        UNets: ``mid_block`` (already a map).  Token transformers (DiT; SD3/FLUX override the
+        stream choice): the last transformer block's image tokens laid out on the patch grid.
+        """
+        model = self.model
+        if getattr(model, "mid_block", None) is not None:
+            return model.mid_block, _first_output
+        blocks = getattr(model, "transformer_blocks", None)
+        if blocks is None or not len(blocks):
+            raise ValueError(f"cannot find a bottleneck in {type(model).__name__}")
+        patch = int(model.config.get("patch_size") or 1)
+        return blocks[-1], _TokenGrid(self.sample_shape, patch, stream=None)
+
     # -- noise-level conversions ----------------------------------------------------------------
     def sigma_to_t(self, sigma: Tensor) -> Tensor:
         """Fractional training timestep index for each sigma (log-sigma interpolation).
@@ -783,6 +801,30 @@ def _load_component(path, name: str, load):
         raise
     except Exception as e:  # missing weights, corrupted files, incompatible configs
         raise TeacherLoadError(f"{path}: cannot load component '{name}' ({type(e).__name__}: {e})") from e
+
+
+def _first_output(output) -> Tensor:
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+class _TokenGrid:
+    """(B, N, D) image tokens (element ``stream`` of a block's tuple output) -> (B, D, h, w) on the
+    patch grid of ``sample_shape`` (scaled to N tokens when the resolution differs)."""
+
+    def __init__(self, sample_shape, patch: int, stream: int | None):
+        self.h0, self.w0 = sample_shape[1] // patch, sample_shape[2] // patch
+        self.stream = stream
+
+    def __call__(self, output) -> Tensor:
+        tokens = output[self.stream] if self.stream is not None else _first_output(output)
+        b, n, d = tokens.shape
+        h, w = self.h0, self.w0
+        if h * w != n:
+            k = math.sqrt(n / (h * w))
+            h, w = round(h * k), round(w * k)
+            if h * w != n:
+                raise ValueError(f"{n} image tokens do not fit the {self.h0}x{self.w0} patch grid's aspect ratio")
+        return tokens.transpose(1, 2).reshape(b, d, h, w)
 
 
 def disable_label_dropout(module: nn.Module) -> nn.Module:

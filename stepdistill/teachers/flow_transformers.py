@@ -38,7 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from .base import Cond, cond_to, freeze
-from .diffusion import DiffusersTeacher, TeacherLoadError, load_folder_part
+from .diffusion import DiffusersTeacher, TeacherLoadError, _TokenGrid, load_folder_part
 
 #: weights of the FLUX guidance embedding (present iff the checkpoint is guidance-distilled)
 FLUX_GUIDANCE_PREFIX = "time_text_embed.guidance_embedder."
@@ -138,6 +138,16 @@ class _TextFlowTeacher(DiffusersTeacher):
 
     def random_raw_conditions(self, n: int, generator=None):
         return None
+
+    def bottleneck(self):
+        """The last joint (dual-stream) block's image stream on the patch grid: these blocks
+        return ``(encoder_hidden_states, hidden_states)``; the text stream is not a feature map
+        (and is None after SD3's last, context-pre-only block)."""
+        blocks = self.model.transformer_blocks
+        patch = 2 * int(self.model.config.get("patch_size") or 1) if isinstance(self, FluxTeacher) else int(
+            self.model.config.get("patch_size") or 2
+        )
+        return blocks[-1], _TokenGrid(self.sample_shape, patch, stream=1)
 
 
 class SD3Teacher(_TextFlowTeacher):
