@@ -413,3 +413,15 @@ def test_bottleneck_is_the_image_stream_on_the_patch_grid(sd3, flux_dirs):
         assert GANHead(tuple(feat.shape[1:]))(feat).shape[0] == 2
         feat.pow(2).sum().backward()  # the image stream depends on the input
         assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_flux_raw_evaluation_is_guidance_one(flux_dirs):
+    """denoise_raw (critic losses, students) is the unguided call: guidance input 1, the value a
+    DMD2/VSD critic is queried with (guidance_scale=1), whatever the teacher's default scale."""
+    _, teacher = _flux(flux_dirs, True, guidance_scale=3.5)
+    x = torch.randn(2, 4, 8, 8)
+    cond = teacher.encode_conditions(PROMPTS)
+    with torch.no_grad():
+        raw = teacher.denoise_raw(x, torch.full((2,), 0.9), cond)
+        assert torch.allclose(raw, teacher.denoise(x, 0.9, cond, 1.0), atol=1e-6)
+        assert not torch.allclose(raw, teacher.denoise(x, 0.9, cond), atol=1e-4)  # default 3.5

@@ -22,7 +22,10 @@ Conditions are built exactly as the stock pipelines' ``encode_prompt`` builds th
 Guidance-distilled FLUX.1 checkpoints (``guidance_embeds=True``, FLUX.1-dev) take the guidance
 scale as a network input and have no true classifier-free guidance: for them
 ``embedded_guidance`` is True, ``denoise(x, sigma, cond, guidance_scale)`` feeds ``guidance_scale``
-to the guidance embedding in a single network call and never runs an unconditional branch.
+to the guidance embedding in a single network call and never runs an unconditional branch;
+``denoise_raw`` (no guidance, by contract: critics' denoising losses, students) feeds guidance 1, so
+a critic is trained and queried (``guidance_scale=1``) at the same input.  An exported FLUX-dev
+student therefore runs with ``guidance_scale=1`` in ``FluxPipeline``.
 Checkpoints without the embedding (FLUX.1-schnell) use ordinary CFG with the empty-prompt
 encoding (the pipeline's ``true_cfg_scale`` with negative prompt ``""``), off at scale 1.
 """
@@ -347,8 +350,8 @@ class FluxTeacher(_TextFlowTeacher):
             t = t.expand(b)
         guidance = kwargs.pop("guidance", None)
         if self.embedded_guidance:
-            if guidance is None:
-                guidance = torch.full((b,), float(self.guidance_scale), device=device)
+            if guidance is None:  # denoise_raw is the unguided evaluation: guidance input 1
+                guidance = torch.ones(b, device=device)
             guidance = guidance.float()
         else:
             guidance = None
