@@ -1,5 +1,6 @@
 """``stepdistill eval ...`` / ``python -m stepdistill.eval ...``: FID, CLIP score, class accuracy,
-reference statistics and the digits detector.
+reference statistics and the digits detector; text-to-image evaluation (``t2i``, ``t2i-floors``,
+``train-t2i-judges``, ``coco``).
 
 With ``--json`` the LAST line of stdout is one JSON object (``eval fid`` has a top-level ``fid``
 and a ``metric`` such as ``FID-digits-N1000``); otherwise a readable table.  Bad input exits with
@@ -168,6 +169,65 @@ def _cmd_sample(args: argparse.Namespace) -> dict[str, Any]:
     return {"output": str(args.output), "n": i, "seed": args.seed}
 
 
+def _seeds(text: str) -> list[int]:
+    try:
+        out = [int(v) for v in str(text).split(",") if v.strip()]
+    except ValueError as e:
+        raise EvalInputError(f"--seeds must be comma-separated ints such as 0,1,2, got {text!r}") from e
+    if not out:
+        raise EvalInputError("--seeds is empty; pass e.g. --seeds 0,1,2")
+    return out
+
+
+def _clip_arg(v: str | None) -> Any:
+    if v is None:
+        return None
+    return False if v.lower() == "none" else v
+
+
+def _cmd_t2i(args: argparse.Namespace) -> dict[str, Any]:
+    from .t2i import evaluate_t2i
+
+    res = evaluate_t2i(args.source, args.prompts, num_images=args.num_images, seeds=_seeds(args.seeds),
+                       num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
+                       scheduler=args.scheduler, reference=args.reference, attr_judge=args.attr_judge,
+                       clip_model=_clip_arg(args.clip_model), batch_size=args.batch_size, device=args.device,
+                       progress=not args.no_progress, require_captions=not args.free_prompts)
+    return res
+
+
+def _cmd_t2i_floors(args: argparse.Namespace) -> dict[str, Any]:
+    from .t2i import t2i_floors
+
+    return {"metric": f"FID-attr-N{args.num_images} floors",
+            **t2i_floors(args.vae, seeds=_seeds(args.seeds), num_images=args.num_images, attr_judge=args.attr_judge,
+                         device=args.device)}
+
+
+def _cmd_train_t2i_judges(args: argparse.Namespace) -> dict[str, Any]:
+    from .judges import train_judges
+
+    r = train_judges(args.output, attr_steps=args.attr_steps, clip_steps=args.clip_steps,
+                     progress=not args.no_progress)
+    return {"output": str(args.output),
+            "attributes": {"sha256": r["attributes"]["sha256"], "seconds": r["attributes"]["train"]["seconds"],
+                           **{k: v for k, v in r["attributes"]["eval"].items() if k.endswith("accuracy")}},
+            "clip": {"sha256": r["clip"]["sha256"], "seconds": r["clip"]["train"]["seconds"],
+                     **{k: v for k, v in r["clip"]["eval"].items() if k not in ("data", "n")}}}
+
+
+def _cmd_coco(args: argparse.Namespace) -> dict[str, Any]:
+    from .coco import evaluate_coco
+
+    return evaluate_coco(args.source, root=args.coco_root, prompts=args.prompts, reference=args.reference,
+                         inception_weights=args.inception_weights, clip_model=args.clip_model,
+                         num_images=args.num_images, seeds=_seeds(args.seeds),
+                         num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
+                         scheduler=args.scheduler, batch_size=args.batch_size, device=args.device,
+                         progress=not args.no_progress, clip_prefix=args.clip_prefix,
+                         feature_dim=args.feature_dim)
+
+
 def _add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("fid", help="FID between two sources",
                        description="FID between A (usually generated) and B (usually the reference). A source is a "
@@ -217,6 +277,72 @@ def _add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prompts", default=None, help="prompts file for text-to-image pipelines")
     _common(p, detector=False)
     p.set_defaults(_eval_handler=_cmd_sample)
+
+    # ---- text-to-image
+    def _t2i_gen(p: argparse.ArgumentParser) -> None:
+        g = p.add_argument_group("text-to-image generation")
+        g.add_argument("--num-images", "-n", type=int, default=None, help="images per seed (default: one per prompt)")
+        g.add_argument("--seeds", default="0,1,2", help="evaluation seeds (mean and std over them); image i of seed s "
+                                                        "uses torch seed 1000000*s+i")
+        g.add_argument("--num-inference-steps", type=int, default=None)
+        g.add_argument("--guidance-scale", type=float, default=None, help="classifier-free guidance (pipeline default)")
+        g.add_argument("--scheduler", default=None,
+                       help="stock scheduler from the pipeline's config: ddim, dpm++, euler, euler-a, ddpm, pndm, lcm")
+        g.add_argument("--batch-size", type=int, default=100, help="generation batch size (results do not depend on it)")
+        g.add_argument("--device", default="cpu")
+        g.add_argument("--json", action="store_true", help="print one JSON object as the last line of stdout")
+        g.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+    p = sub.add_parser("t2i", help="FID-attr, CLIP score and prompt accuracy of a text-to-image pipeline "
+                                   "(coloured-MNIST judges)",
+                       description="Sample a StableDiffusionPipeline-compatible folder over a prompt file (default: "
+                                   "the shipped 1,000 coloured-MNIST evaluation prompts) under several evaluation "
+                                   "seeds; report FID in the attribute judge's features, the CLIP judge's score and "
+                                   "prompt accuracy, each with its std over the seeds.")
+    p.add_argument("source", metavar="PIPE")
+    p.add_argument("--prompts", default=None, help="prompt file, one per line (default: eval_1000.txt)")
+    p.add_argument("--reference", default=None, help="reference statistics .npz in the judge's features "
+                                                     "(default: held-out coloured digits)")
+    p.add_argument("--attr-judge", default=None, help="attribute judge folder (default: eval/weights/t2i-attr-v1)")
+    p.add_argument("--clip-model", default=None, help="CLIP folder (default: eval/weights/t2i-clip-v1); 'none' skips")
+    p.add_argument("--free-prompts", action="store_true",
+                   help="accept prompts that are not coloured-MNIST captions (prompt accuracy is skipped)")
+    _t2i_gen(p)
+    p.set_defaults(_eval_handler=_cmd_t2i)
+
+    p = sub.add_parser("t2i-floors", help="data-vs-data and VAE-reconstruction FID-attr floors")
+    p.add_argument("--vae", default=None, help="pipeline folder (its vae/) or AutoencoderKL folder")
+    p.add_argument("--num-images", "-n", type=int, default=1000)
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--attr-judge", default=None)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(_eval_handler=_cmd_t2i_floors)
+
+    p = sub.add_parser("train-t2i-judges", help="train the coloured-MNIST judges (attribute CNN + small CLIP)")
+    p.add_argument("--output", required=True, help="folder; the judges go to OUTPUT/t2i-attr-v1 and OUTPUT/t2i-clip-v1 "
+                                                   "(the shipped ones: eval/weights)")
+    p.add_argument("--attr-steps", type=int, default=1500)
+    p.add_argument("--clip-steps", type=int, default=2000)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(_eval_handler=_cmd_train_t2i_judges)
+
+    p = sub.add_parser("coco", help="COCO-2014 protocol from local files: Inception FID + CLIP score",
+                       description="Zero-shot COCO-2014 evaluation from local files only (see docs/text_to_image.md "
+                                   "for the layout): --coco-root DIR with prompts_30k.txt, reference/ or "
+                                   "reference_stats.npz, inception/ and clip/; each can be given explicitly.")
+    p.add_argument("source", metavar="PIPE")
+    p.add_argument("--coco-root", default=None, help="folder in the documented layout")
+    p.add_argument("--prompts", default=None, help="captions file, one per line (default ROOT/prompts_30k.txt)")
+    p.add_argument("--reference", default=None, help="reference image folder or Inception statistics .npz")
+    p.add_argument("--inception-weights", default=None, help="torch-fidelity pt_inception-2015-12-05 .pth file")
+    p.add_argument("--clip-model", default=None, help="local CLIP folder (CLIPModel.save_pretrained)")
+    p.add_argument("--clip-prefix", default="", help="text prefix for the CLIP score, e.g. 'A photo depicts '")
+    p.add_argument("--feature-dim", type=int, default=2048, help="Inception feature (2048 = pool3, the standard)")
+    _t2i_gen(p)
+    p.set_defaults(_eval_handler=_cmd_coco)
 
 
 # ----------------------------------------------------------------------------------------------- output
