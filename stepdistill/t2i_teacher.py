@@ -140,6 +140,62 @@ class _Stage:
         return json.loads(self.done.read_text()) if self.done.exists() else None
 
 
+class Dist:
+    """Data-parallel CPU training over ``world`` processes (gloo), world-size independent: every rank
+    draws the same full batch and noise, takes rows ``rank::world``, and DDP averages the gradients, so
+    the update is the full batch's (up to the order of float sums).  Rank 0 writes all files."""
+
+    def __init__(self, rank: int = 0, world: int = 1):
+        self.rank, self.world = rank, world
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def part(self, *tensors):
+        if self.world == 1:
+            return tensors if len(tensors) > 1 else tensors[0]
+        out = tuple(t[self.rank::self.world] for t in tensors)
+        return out if len(out) > 1 else out[0]
+
+    def wrap(self, module: nn.Module) -> nn.Module:
+        if self.world == 1:
+            return module
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(module)
+
+    def total_cpu(self, clock: _Clock) -> float:
+        """CPU seconds of all ranks: the resumed base plus every rank's own since it started (collective)."""
+        own = time.process_time() - clock.c0
+        if self.world > 1:
+            import torch.distributed as tdist
+
+            t = torch.tensor([own], dtype=torch.float64)
+            tdist.all_reduce(t)
+            own = float(t)
+        return clock.base_cpu + own
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            import torch.distributed as tdist
+
+            tdist.barrier()
+
+
+class _VAEForward(nn.Module):
+    """encode -> reparametrised sample with given noise -> decode (one forward for DDP)."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, x, eps):
+        post = self.vae.encode(x).latent_dist
+        rec = self.vae.decode(post.mean + post.std * eps).sample
+        return rec, post.mean, post.logvar
+
+
 # ---------------------------------------------------------------------------------------------
 # data
 
@@ -165,7 +221,8 @@ def all_captions() -> list[tuple[str, tuple[int, int, int]]]:
 # stage 1: VAE
 
 
-def train_vae(spec: T2ITeacherSpec, stage: _Stage, data, progress: bool = True) -> dict:
+def train_vae(spec: T2ITeacherSpec, stage: _Stage, data, progress: bool = True, dist: Dist | None = None) -> dict:
+    dist = dist or Dist()
     s = spec.vae
     torch.manual_seed(spec.seed)
     vae = build_vae(s)
@@ -180,16 +237,19 @@ def train_vae(spec: T2ITeacherSpec, stage: _Stage, data, progress: bool = True) 
     x_all = data.images
     n = len(x_all)
     vae.train()
-    bar = _progress(s.steps, start, "t2i vae", progress)
+    fwd = dist.wrap(_VAEForward(vae))
+    lat_shape = (s.latent_channels, x_all.shape[-2] // 2 ** (len(s.block_out_channels) - 1),
+                 x_all.shape[-1] // 2 ** (len(s.block_out_channels) - 1))
+    bar = _progress(s.steps, start, "t2i vae", progress and dist.main)
     for step in range(start, s.steps):
         g = _gen(spec.seed, "vae", step)
         x = x_all[torch.randint(0, n, (s.batch_size,), generator=g)]
+        eps = torch.randn((s.batch_size, *lat_shape), generator=g)
+        x, eps = dist.part(x, eps)
         _set_lr(opt, s.lr * _lr_factor(step, s.steps, s.warmup_steps, s.min_lr_ratio))
-        post = vae.encode(x).latent_dist
-        z = post.mean + post.std * torch.randn(post.mean.shape, generator=g)
-        rec = vae.decode(z).sample
+        rec, mu, logvar = fwd(x, eps)
         mse = F.mse_loss(rec, x)
-        kl = 0.5 * (post.mean.pow(2) + post.var - 1.0 - post.logvar).mean()
+        kl = 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).mean()
         loss = mse + s.kl_weight * kl
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -197,17 +257,21 @@ def train_vae(spec: T2ITeacherSpec, stage: _Stage, data, progress: bool = True) 
         opt.step()
         bar.update(1)
         done = step + 1
-        if done % 250 == 0 or done == s.steps:
+        if dist.main and (done % 250 == 0 or done == s.steps):
             p = _vae_psnr(vae, held)
             curve.append({"step": done, "wall_s": round(clock.wall, 1), "cpu_s": round(clock.cpu, 1),
                           "psnr_heldout_db": round(p, 2), "mse": mse.item(), "kl": kl.item()})
             bar.set_postfix(psnr=f"{p:.2f}")
         if done % spec.checkpoint_every_steps == 0 and done < s.steps:
-            _atomic_torch_save({"model": vae.state_dict(), "opt": opt.state_dict(), "step": done, "curve": curve,
-                                "wall": clock.wall, "cpu": clock.cpu}, stage.ckpt)
+            cpu_all = dist.total_cpu(clock)
+            if dist.main:
+                _atomic_torch_save({"model": vae.state_dict(), "opt": opt.state_dict(), "step": done, "curve": curve,
+                                    "wall": clock.wall, "cpu": cpu_all}, stage.ckpt)
     bar.close()
     vae.eval()
-    train_wall, train_cpu = clock.wall, clock.cpu
+    train_wall, train_cpu = clock.wall, dist.total_cpu(clock)
+    if not dist.main:
+        return {}
     # encode the training set once: posterior mean / std (the UNet stage samples z ~ q(z|x))
     t_enc, c_enc = time.time(), time.process_time()
     means, stds = [], []
@@ -357,8 +421,8 @@ def train_text(spec: T2ITeacherSpec, stage: _Stage, data, progress: bool = True)
         done = step + 1
         if done % 100 == 0 or done == s.steps:
             curve.append({"step": done, "wall_s": round(clock.wall, 1), "cpu_s": round(clock.cpu, 1),
-                          "loss": float(loss), "i2t_batch_acc": float((logits.argmax(1) == ci).float().mean())})
-            bar.set_postfix(loss=f"{float(loss):.3f}")
+                          "loss": loss.item(), "i2t_batch_acc": (logits.argmax(1) == ci).float().mean().item()})
+            bar.set_postfix(loss=f"{loss.item():.3f}")
         if done % spec.checkpoint_every_steps == 0 and done < s.steps:
             _atomic_torch_save({"text": text.state_dict(), "tower": tower.state_dict(), "logit_scale": logit_scale.detach(),
                                 "opt": opt.state_dict(), "step": done, "curve": curve, "wall": clock.wall,
@@ -458,7 +522,8 @@ def prompt_accuracy(pipe, monitor: ImageTower, n: int = 200, steps: int = 8, cfg
 
 
 def train_unet(spec: T2ITeacherSpec, stage: _Stage, vae_dir: Path, text_dir: Path, data_cap: list[str],
-               progress: bool = True) -> tuple[dict, nn.Module]:
+               progress: bool = True, dist: Dist | None = None) -> tuple[dict, nn.Module]:
+    dist = dist or Dist()
     from diffusers import AutoencoderKL, DDPMScheduler
     from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -469,7 +534,7 @@ def train_unet(spec: T2ITeacherSpec, stage: _Stage, vae_dir: Path, text_dir: Pat
     lat = torch.load(vae_dir / "latents.pt", map_location="cpu", weights_only=True)
     mean, std = lat["mean"].float(), lat["std"].float()
     sf = float(vae.config.scaling_factor)
-    monitor = load_monitor(text_dir, spec) if s.eval_every_steps else None
+    monitor = load_monitor(text_dir, spec) if s.eval_every_steps and dist.main else None
     # the text encoder is frozen: per-token states of every distinct prompt, and of "" (SD's null prompt)
     uniq = sorted(set(data_cap))
     index = {c: i for i, c in enumerate(uniq)}
@@ -495,7 +560,8 @@ def train_unet(spec: T2ITeacherSpec, stage: _Stage, vae_dir: Path, text_dir: Pat
     T = SD15_SCHEDULE["num_train_timesteps"]
     unet.train()
     ema_params, live_params = list(ema.parameters()), list(unet.parameters())
-    bar = _progress(s.steps, start, "t2i unet", progress)
+    fwd = dist.wrap(unet)
+    bar = _progress(s.steps, start, "t2i unet", progress and dist.main)
     eval_wall = 0.0
     for step in range(start, s.steps):
         g = _gen(spec.seed, "unet", step)
@@ -506,8 +572,9 @@ def train_unet(spec: T2ITeacherSpec, stage: _Stage, vae_dir: Path, text_dir: Pat
         zt = sched.add_noise(z0, noise, t)
         drop = torch.rand(s.batch_size, generator=g) < s.cond_dropout
         ehs = torch.where(drop[:, None, None], null.expand(s.batch_size, -1, -1), cond[cap_idx[idx]])
+        zt, t, noise, ehs = dist.part(zt, t, noise, ehs)
         _set_lr(opt, s.lr * _lr_factor(step, s.steps, s.warmup_steps, s.min_lr_ratio))
-        pred = unet(zt, t, encoder_hidden_states=ehs).sample
+        pred = fwd(zt, t, encoder_hidden_states=ehs, return_dict=False)[0]
         loss = F.mse_loss(pred, noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -520,8 +587,8 @@ def train_unet(spec: T2ITeacherSpec, stage: _Stage, vae_dir: Path, text_dir: Pat
         done = step + 1
         if done % 100 == 0 or done == s.steps:
             curve.append({"step": done, "wall_s": round(clock.wall, 1), "cpu_s": round(clock.cpu, 1),
-                          "loss": float(loss)})
-            bar.set_postfix(loss=f"{float(loss):.4f}")
+                          "loss": loss.item()})
+            bar.set_postfix(loss=f"{loss.item():.4f}")
         if monitor is not None and (done % s.eval_every_steps == 0 or done == s.steps):
             t_e = time.time()
             acc = prompt_accuracy(_assemble(vae, text_encoder, tokenizer, ema), monitor, n=s.eval_images)
@@ -530,11 +597,15 @@ def train_unet(spec: T2ITeacherSpec, stage: _Stage, vae_dir: Path, text_dir: Pat
                           "prompt_acc_ddim8_cfg4.5": round(acc, 4), "n": s.eval_images})
             bar.write(f"[t2i unet] step {done}: monitor prompt accuracy (DDIM 8, CFG 4.5, N={s.eval_images}) {acc:.3f}")
         if done % spec.checkpoint_every_steps == 0 and done < s.steps:
-            _atomic_torch_save({"model": unet.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                                "step": done, "curve": curve, "evals": evals, "wall": clock.wall, "cpu": clock.cpu},
-                               stage.ckpt)
+            cpu_all = dist.total_cpu(clock)
+            if dist.main:
+                _atomic_torch_save({"model": unet.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+                                    "step": done, "curve": curve, "evals": evals, "wall": clock.wall,
+                                    "cpu": cpu_all}, stage.ckpt)
     bar.close()
-    wall, cpu = clock.wall, clock.cpu
+    wall, cpu = clock.wall, dist.total_cpu(clock)
+    if not dist.main:
+        return {}, ema
     tmp = stage.dir / "unet.tmp"
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -583,9 +654,42 @@ Training costs and curves: `training.json` in this folder.
 """
 
 
-def run_t2i_teacher_training(cfg, output: str | Path, progress: bool | None = None) -> Path:
+def _run_stages(spec: T2ITeacherSpec, parts_root: Path, progress: bool, dist: Dist) -> None:
+    keys = part_keys(spec)
+    st_vae, st_text, st_unet = (_Stage(parts_root, k, keys[k]) for k in ("vae", "text", "unet"))
+    data, _, _ = load_training_data(spec)
+    if not st_vae.finished():
+        train_vae(spec, st_vae, data, progress, dist)
+    dist.barrier()
+    if not st_text.finished() and dist.main:  # small: one process (the others wait)
+        train_text(spec, st_text, data, progress)
+    dist.barrier()
+    if not st_unet.finished():
+        train_unet(spec, st_unet, st_vae.dir, st_text.dir, data.captions, progress, dist)
+    dist.barrier()
+
+
+def _stage_worker(rank: int, world: int, spec: T2ITeacherSpec, parts_root: str, progress: bool, port: int,
+                  threads: int) -> None:
+    import torch.distributed as tdist
+
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(max(1, threads))
+    tdist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        _run_stages(spec, Path(parts_root), progress, Dist(rank, world))
+    finally:
+        tdist.destroy_process_group()
+
+
+def run_t2i_teacher_training(cfg, output: str | Path, progress: bool | None = None,
+                             workers: int | None = None) -> Path:
     """Train (or reuse the cached parts of) the t2i teacher of ``cfg`` (a ``teacher.kind: t2i``
-    RunConfig) and write a ``StableDiffusionPipeline`` folder to ``output/pipeline``."""
+    RunConfig) and write a ``StableDiffusionPipeline`` folder to ``output/pipeline``.
+
+    ``workers`` (default ``$STEPDISTILL_T2I_WORKERS`` or 1) CPU processes train the VAE and UNet
+    data-parallel; the result does not depend on it beyond float summation order (not in the key)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -604,14 +708,22 @@ def run_t2i_teacher_training(cfg, output: str | Path, progress: bool | None = No
     keys = part_keys(spec)
     load0 = os.getloadavg()
     threads = torch.get_num_threads()
-    data, captions, _ = load_training_data(spec)
     st_vae, st_text, st_unet = (_Stage(parts_root, k, keys[k]) for k in ("vae", "text", "unet"))
-    m_vae = st_vae.finished() or train_vae(spec, st_vae, data, progress)
-    m_text = st_text.finished() or train_text(spec, st_text, data, progress)
-    m_unet = st_unet.finished()
-    if m_unet is None:
-        m_unet, _ = train_unet(spec, st_unet, st_vae.dir, st_text.dir, data.captions, progress)
-    del data
+    if workers is None:
+        workers = int(os.environ.get("STEPDISTILL_T2I_WORKERS", "1"))
+    if not (st_vae.finished() and st_text.finished() and st_unet.finished()):
+        if workers > 1:
+            import socket
+
+            import torch.multiprocessing as mp
+
+            with socket.socket() as sock:
+                sock.bind(("127.0.0.1", 0))
+                port = sock.getsockname()[1]
+            mp.spawn(_stage_worker, args=(workers, spec, str(parts_root), progress, port, threads), nprocs=workers)
+        else:
+            _run_stages(spec, parts_root, progress, Dist())
+    m_vae, m_text, m_unet = st_vae.finished(), st_text.finished(), st_unet.finished()
     vae = AutoencoderKL.from_pretrained(st_vae.dir / "vae")
     te = CLIPTextModel.from_pretrained(st_text.dir / "parts" / "text_encoder")
     tok = CLIPTokenizer.from_pretrained(str(st_text.dir / "parts" / "tokenizer"))
@@ -624,7 +736,7 @@ def run_t2i_teacher_training(cfg, output: str | Path, progress: bool | None = No
     info = {
         "keys": keys, "spec": asdict(spec), "vae": m_vae, "text": m_text, "unet": m_unet,
         "loadavg_at_start": [round(v, 2) for v in load0], "loadavg_at_end": [round(v, 2) for v in os.getloadavg()],
-        "torch_threads": threads,
+        "torch_threads": threads, "workers": workers,
         "total_train_wall_s": round(sum(m[k] for m in (m_vae, m_text, m_unet) for k in ("train_wall_s",))
                                     + m_vae["encode_wall_s"], 1),
         "total_train_cpu_s": round(sum(m[k] for m in (m_vae, m_text, m_unet) for k in ("train_cpu_s",))
@@ -670,6 +782,7 @@ def cost_row(pipeline_dir: str | Path, command: str) -> dict:
         "loadavg_at_start": info["loadavg_at_start"],
         "loadavg_at_end": info["loadavg_at_end"],
         "torch_threads": info["torch_threads"],
+        "workers": info.get("workers", 1),
     }
 
 
@@ -681,7 +794,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m stepdistill.t2i_teacher",
                                  description="train (or find) the cached text-to-image teacher and record its cost")
     ap.add_argument("--preset", default="t2i")
-    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads per process")
+    ap.add_argument("--workers", type=int, default=None,
+                    help="data-parallel CPU processes for the VAE and UNet (default $STEPDISTILL_T2I_WORKERS or 1)")
     ap.add_argument("--results", default="benchmarks/results/t2i_teacher_train.json")
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. teacher.params.unet.steps=3000")
@@ -690,7 +805,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     from .teachers.text_to_image import ensure_t2i_teacher
 
-    folder = ensure_t2i_teacher(args.preset, args.overrides, progress=not args.no_progress)
+    folder = ensure_t2i_teacher(args.preset, args.overrides, progress=not args.no_progress, workers=args.workers)
     print(f"[stepdistill] t2i teacher: {folder}")
     if args.results:
         cmd = "python -m stepdistill.t2i_teacher " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))

@@ -219,3 +219,19 @@ def test_vae_stage_resumes_exactly(tmp_path, monkeypatch):
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=0)
     assert resumed["scaling_factor"] == pytest.approx(ref["scaling_factor"])
+
+
+def test_two_workers_train_the_same_teacher(tiny_teacher, tmp_path, monkeypatch):
+    """Data-parallel training (2 gloo processes) draws the same batches and makes the same updates."""
+    from safetensors.torch import load_file
+
+    monkeypatch.setenv("STEPDISTILL_CACHE", str(tmp_path / "cache"))
+    folder = t2i.ensure_t2i_teacher("t2i", TINY, quiet=True, progress=False, workers=2)
+    assert folder != tiny_teacher
+    for part in ("vae", "unet"):
+        a = load_file(str(tiny_teacher / part / "diffusion_pytorch_model.safetensors"))
+        b = load_file(str(folder / part / "diffusion_pytorch_model.safetensors"))
+        assert a.keys() == b.keys()
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-4)
+    assert json.loads((folder / "training.json").read_text())["workers"] == 2

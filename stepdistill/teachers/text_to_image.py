@@ -59,7 +59,7 @@ class VAESpec:
     latent_channels: int = 4
     norm_num_groups: int = 8
     kl_weight: float = 1e-4  # loss = MSE + kl_weight * KL (per element means)
-    steps: int = 1500
+    steps: int = 1000
     batch_size: int = 64
     lr: float = 1e-3
     min_lr_ratio: float = 0.05  # cosine decay to lr * min_lr_ratio
@@ -74,8 +74,8 @@ class TextSpec:
     intermediate_size: int = 512
     max_length: int = 16  # tokens including <|startoftext|> and <|endoftext|>
     projection_dim: int = 128  # contrastive head (training only; not part of the pipeline)
-    image_channels: list = field(default_factory=lambda: [32, 64, 128])  # image tower (training only)
-    steps: int = 600
+    image_channels: list = field(default_factory=lambda: [16, 32, 64])  # image tower (training only)
+    steps: int = 300
     batch_size: int = 128
     lr: float = 1e-3
     min_lr_ratio: float = 0.05
@@ -90,7 +90,7 @@ class UNetSpec:
     attention_head_dim: int = 8
     norm_num_groups: int = 32
     cond_dropout: float = 0.1  # captions replaced by "" (SD's unconditional prompt) for CFG
-    steps: int = 2500
+    steps: int = 2000
     batch_size: int = 64
     lr: float = 1e-3
     min_lr_ratio: float = 0.1
@@ -344,10 +344,11 @@ def t2i_teacher_dir(preset: str = "t2i", overrides: list[str] | None = None) -> 
 
 
 def ensure_t2i_teacher(preset: str = "t2i", overrides: list[str] | None = None, quiet: bool = False,
-                       progress: bool | None = None) -> Path:
+                       progress: bool | None = None, workers: int | None = None) -> Path:
     """Return the cached text-to-image teacher's ``StableDiffusionPipeline`` folder, training it
     first when missing (``~/.cache/stepdistill/teachers/t2i-<key>/pipeline``, or under
-    ``$STEPDISTILL_CACHE``).  Training resumes from its checkpoints if it was interrupted."""
+    ``$STEPDISTILL_CACHE``).  Training resumes from its checkpoints if it was interrupted; ``workers``
+    CPU processes train data-parallel (see :func:`stepdistill.t2i_teacher.run_t2i_teacher_training`)."""
     out = t2i_teacher_dir(preset, overrides)
     if (out / "pipeline" / "model_index.json").exists():
         return out / "pipeline"
@@ -356,7 +357,7 @@ def ensure_t2i_teacher(preset: str = "t2i", overrides: list[str] | None = None, 
     from ..config import load_config
     from ..t2i_teacher import run_t2i_teacher_training
 
-    run_t2i_teacher_training(load_config(preset, overrides or []), out, progress=progress)
+    run_t2i_teacher_training(load_config(preset, overrides or []), out, progress=progress, workers=workers)
     return out / "pipeline"
 
 
