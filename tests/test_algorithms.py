@@ -329,13 +329,19 @@ def test_boot_student_at_query_timestep_is_exported_generator(teacher):
 # DisBack
 
 
+def _begin(d, step):
+    """What the trainer does at the start of a step: the side-effect hook, then the pure phase."""
+    d.on_step_begin(step, True)
+    return d.phase(step)
+
+
 def _run_steps(d, teacher, steps, start=0, batch_fn=None):
     batch_fn = batch_fn or (lambda step: _batch(teacher, n=16, seed=step))
     opts = {k: torch.optim.Adam([p for p in m.parameters() if p.requires_grad], lr=1e-3)
             for k, m in d.trainable().items()}
     for step in range(start, start + steps):
         cache: dict = {}
-        for group in d.phase(step):
+        for group in _begin(d, step):
             out = d.loss(batch_fn(step), step, group, cache)
             out.loss.backward()
             opts[group].step()
@@ -360,7 +366,7 @@ def test_disback_records_nodes_and_backtracks(teacher, tmp_path, base):
         torch.testing.assert_close(v, gen0[k])
     assert d.node_files == ["node-001.safetensors"]
     # entering backtracking records the final node = the critic fitted to the initial generator
-    d.phase(4)
+    _begin(d, 4)
     assert d.node_files == ["node-001.safetensors", "node-002.safetensors"]
     last = load_file(str(tmp_path / "node-002.safetensors"))
     critic_state = d.base.critic.state_dict()
@@ -376,9 +382,9 @@ def test_disback_records_nodes_and_backtracks(teacher, tmp_path, base):
     for k, v in node1.items():
         torch.testing.assert_close(node_state[k], v)
     for step in (5, 6):
-        d.phase(step)
+        _begin(d, step)
         assert d.current == 0
-    d.phase(7)
+    _begin(d, 7)
     assert d.current == 1 and d.target.use_teacher
     x = torch.randn(4, 2)
     sigma = teacher.sigmas[500].expand(4)
@@ -413,7 +419,7 @@ def test_disback_over_lora_vsd_records_adapter_deltas(tmp_path):
         return {"raw_cond": teacher.random_raw_conditions(8, torch.Generator().manual_seed(step)), "batch_size": 8}
 
     _run_steps(d, teacher, 2, batch_fn=batch_fn)
-    d.phase(2)  # records the final node, then targets node 1
+    _begin(d, 2)  # records the final node, then targets node 1
     node1 = load_file(str(tmp_path / "node-001.safetensors"))
     lora = {n for n, p in critic.named_parameters() if p.requires_grad}
     assert set(node1) == lora and all("lora_" in k for k in node1)

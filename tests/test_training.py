@@ -22,6 +22,7 @@ from stepdistill.data.sources import ConditionSource
 from stepdistill.teachers.analytic import GaussianMixtureTeacher, MLPDenoiser
 from stepdistill.training import (
     CheckpointError,
+    TrainingTask,
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint_weights,
@@ -582,3 +583,140 @@ def test_distiller_build_is_seeded_by_the_config_not_by_process_history(tmp_path
     for k in a:
         torch.testing.assert_close(a[k], b[k])
     assert any(not torch.equal(a[k], c[k]) for k in a if "gan_head" in k)  # another train.seed, another init
+
+
+# ---------------------------------------------------------------------------------------------
+# (g) the task contract: declared hooks, once-per-step side effects, pure phases, launch checks
+
+
+class MinimalTask(TrainingTask):
+    """Only the two required hooks; every other one is the contract's default (no hasattr probing)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Linear(2, 2)
+        self.begun: list[tuple[int, bool]] = []
+
+    def trainable(self):
+        return {"net": self.net}
+
+    def on_step_begin(self, step, is_main):
+        self.begun.append((step, is_main))
+
+    def loss(self, batch, step, group, cache):
+        y = self.net(batch["raw_cond"].float()[:, None].expand(-1, 2))
+        loss = (y**2).mean()
+        return LossOutput(loss, {"mean_sq": loss.detach(), "as_float": 1.5, "vector": y.detach()[:, 0]})
+
+
+def _minimal_run(out, task, **kw):
+    return train(task, ConditionSource(GaussianMixtureTeacher.ring(), seed=0), make_cfg(out, **kw))
+
+
+def test_minimal_task_uses_the_contract_defaults_and_tensor_logs(tmp_path):
+    task = MinimalTask()
+    result = _minimal_run(tmp_path / "run", task, max_steps=4, grad_accum_steps=2, ema_decay=0.5)
+    assert result["step"] == 4 and result["ema_group"] == "net"  # the only group is the EMA group
+    lines = [json.loads(x) for x in Path(result["log_file"]).read_text().splitlines()]
+    assert all(isinstance(x["net/mean_sq"], float) and x["net/as_float"] == 1.5 for x in lines)
+    assert all("net/vector" not in x for x in lines)  # non-scalar tensors are not logged
+    assert all(x["net/mean_sq"] == pytest.approx(x["loss/net"]) for x in lines)
+    with pytest.raises(TypeError, match="TrainingTask"):
+        train(nn.Linear(2, 2), ConditionSource(GaussianMixtureTeacher.ring(), seed=0), make_cfg(tmp_path / "x"))
+
+
+def test_on_step_begin_runs_once_per_step_also_after_resume(tmp_path):
+    straight = MinimalTask()
+    _minimal_run(tmp_path / "a", straight, max_steps=6)
+    assert straight.begun == [(s, True) for s in range(6)]
+    first, second = MinimalTask(), MinimalTask()
+    _minimal_run(tmp_path / "b", first, max_steps=3)
+    _minimal_run(tmp_path / "b", second, max_steps=6)
+    assert first.begun + second.begun == straight.begun
+    assert _same(_snap(second.net), _snap(straight.net))
+
+
+def test_fsdp_and_deepspeed_launches_are_refused(tmp_path, monkeypatch):
+    for var, word in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
+        monkeypatch.setenv(var, "true")
+        with pytest.raises(ConfigError, match=f"{word} launches are not supported"):
+            run(tmp_path / var, max_steps=1)
+        monkeypatch.delenv(var)
+
+
+def test_mixed_precision_null_leaves_the_choice_to_the_launcher(tmp_path, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    result, _ = run(tmp_path / "a", max_steps=1, mixed_precision=None)
+    assert result["accelerator"].mixed_precision == "bf16"
+    result, _ = run(tmp_path / "b", max_steps=1, mixed_precision="no")  # the config's choice wins
+    assert result["accelerator"].mixed_precision == "no"
+
+
+def _analytic_distiller(name, tmp_path):
+    from stepdistill.algorithms import build
+
+    teacher = GaussianMixtureTeacher.ring()
+    fast = {"regression_steps": 2, "regression_pairs": 16, "critic_warmup_steps": 1}
+    params = {
+        "dmd2": dict(fast),
+        "vsd": {"critic": "full"},
+        "boot": {},
+        "disback": {"base_params": dict(fast), "recording_steps": 4, "num_nodes": 2, "switch_every_steps": 2,
+                    "nodes_dir": str(tmp_path / "nodes")},
+        "msd": {"num_students": 2, "base_params": dict(fast)},
+    }[name]
+    return build(name, teacher, params)
+
+
+def _task_state(d) -> dict:
+    return {
+        "weights": {k: v.clone() for k, v in d.state_dict().items()},
+        "extra": json.dumps(d.state_dict_extra(), sort_keys=True, default=str),
+        "use_teacher": getattr(getattr(d, "target", None), "use_teacher", None),
+    }
+
+
+@pytest.mark.parametrize("name", ["dmd2", "vsd", "boot", "disback", "msd"])
+def test_phase_is_pure(name, tmp_path):
+    """phase(step) may be called repeatedly and out of order: same answer, no state change, no files."""
+    d = _analytic_distiller(name, tmp_path)
+    steps = [9, 0, 3, 7, 1, 12, 5, 2, 9, 0]
+    before = _task_state(d)
+    first = [d.phase(s) for s in steps]
+    assert [d.phase(s) for s in reversed(steps)] == list(reversed(first))
+    after = _task_state(d)
+    assert after["extra"] == before["extra"] and after["use_teacher"] == before["use_teacher"]
+    assert _same(after["weights"], before["weights"])
+    assert not (tmp_path / "nodes").exists()
+
+
+def test_disback_side_effects_happen_in_on_step_begin_and_files_on_main_only(tmp_path):
+    d = _analytic_distiller("disback", tmp_path)
+    for step in range(2, 6):  # regression 0..1, recording 2..5: node 1 after 2 critic updates
+        d.on_step_begin(step, is_main=False)
+    assert d.node_files == ["node-001.safetensors"] and not (tmp_path / "nodes").exists()
+    d2 = _analytic_distiller("disback", tmp_path)
+    for step in range(2, 7):  # step 6 starts backtracking: final node, target = node 1
+        d2.on_step_begin(step, is_main=True)
+    assert sorted(p.name for p in (tmp_path / "nodes").glob("node-*")) == ["node-001.safetensors",
+                                                                           "node-002.safetensors"]
+    assert d2.current == 0 and not d2.target.use_teacher and d2.phase(6) == d2.phase(6)
+
+
+def test_msd_loads_the_tsm_critic_in_on_step_begin_not_in_phase(tmp_path):
+    from stepdistill.algorithms import build
+
+    ring = GaussianMixtureTeacher.ring()
+    d = build("msd", ring, {"num_students": 2, "width_multiplier": 0.5, "tsm_steps": 1,
+                            "base_params": {"regression_steps": 0}})
+    s0 = d.students[0]
+    with torch.no_grad():
+        for p in s0.generator.parameters():
+            p.add_(1.0)
+    before = _snap(s0.critic)
+    d.phase(5)  # after TSM: pure, the critic is untouched
+    assert _same(_snap(s0.critic), before) and not all(d._tsm_done)
+    d.on_step_begin(5, True)
+    assert all(d._tsm_done)
+    assert _same(_snap(s0.critic), _snap(s0.generator.denoiser))

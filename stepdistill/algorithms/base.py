@@ -1,10 +1,17 @@
 """The one small interface every distillation algorithm implements.
 
-The training loop (``stepdistill.training``) knows nothing about algorithms.  Each step it asks
-``distiller.phase(step)`` which trainable groups update, and for each group in that order calls
-``distiller.loss(batch, step, group, cache)``, back-propagates, clips, and steps that group's
-optimizer; then all gradients are zeroed.  ``cache`` is a dict shared by the groups of one step
-(e.g. DMD2 hands the generator's detached sample to its critic phase).
+A :class:`Distiller` is a :class:`~stepdistill.training.task.TrainingTask` (the trainer's contract:
+``trainable / phase / loss`` plus the optional hooks declared there with defaults) that adds a
+frozen teacher and the export of its student.  The trainer knows nothing about algorithms.  Each
+step it calls ``on_step_begin(step, is_main)`` (side effects), asks ``phase(step)`` (pure) which
+trainable groups update, and for each group in that order calls
+``loss(batch, step, group, cache)``, back-propagates, clips, and steps that group's optimizer;
+then all gradients are zeroed.  ``cache`` is a dict shared by the groups of one step (e.g. DMD2
+hands the generator's detached sample to its critic phase).
+
+The algorithm also owns what the glue (``run.py``, ``cli.py``) would otherwise guess:
+``build_source`` (its batches), ``sample_images`` (the training-time grid), ``export_groups`` (which
+checkpointed groups an export needs) and ``export`` (which pipeline it writes).
 
 A batch is a dict: ``{"real": Tensor | None, "raw_cond": list | Tensor | None}`` where ``real``
 holds data in the teacher's sample space (only for algorithms with ``needs_data = True``) and
@@ -14,7 +21,7 @@ holds data in the teacher's sample space (only for algorithms with ``needs_data 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -22,15 +29,12 @@ from torch import Tensor, nn
 
 from ..students import Generator
 from ..teachers.base import DiffusionTeacher
+from ..training.task import LossOutput, TrainingTask
+
+__all__ = ["Distiller", "LossOutput"]
 
 
-@dataclass
-class LossOutput:
-    loss: Tensor  # scalar; back-propagated into the phase's group
-    logs: dict[str, float] = field(default_factory=dict)  # scalars for the logger
-
-
-class Distiller(nn.Module, ABC):
+class Distiller(TrainingTask, ABC):
     name: ClassVar[str]
     paper: ClassVar[str]
     Config: ClassVar[type]
@@ -48,23 +52,61 @@ class Distiller(nn.Module, ABC):
     def trainable(self) -> dict[str, nn.Module]:
         """Trainable groups, one optimizer each: ``{"generator": ..., "critic": ...}``."""
 
-    def phase(self, step: int) -> list[str]:
-        """Groups updated at ``step``, in order.  Default: every group every step."""
-        return list(self.trainable())
-
     @abstractmethod
     def loss(self, batch: dict, step: int, group: str, cache: dict) -> LossOutput:
         """The loss whose gradient updates ``group`` at ``step``."""
 
     @abstractmethod
     def generator_for_export(self) -> Generator:
-        """The student that ``export.py`` turns into a pipeline."""
+        """The student that :meth:`export` turns into a pipeline."""
+
+    def frozen_modules(self) -> list[nn.Module]:
+        return [self.teacher] if isinstance(self.teacher, nn.Module) else []
+
+    # -- what the glue asks the algorithm ----------------------------------------------------------
+    def build_source(self, train_cfg: Any, rank: int = 0, world: int = 1):
+        """The batch source of a run (``train.dataset`` or data-free conditions)."""
+        from ..data.sources import build_source
+
+        return build_source(train_cfg, self.teacher, needs_data=self.needs_data)
+
+    def grid_conditions(self, n: int, generator: torch.Generator | None = None):
+        """Raw conditions of the sample grid: classes ``0, 1, 2, ...`` cycling for class-conditional
+        teachers, the teacher's random draw otherwise (prompts), None when unconditional."""
+        raw = self.teacher.random_raw_conditions(n, generator)
+        if raw is not None and getattr(self.teacher, "num_classes", None):
+            raw = torch.arange(n) % self.teacher.num_classes
+        return raw
+
+    def sample_images(self, n: int, generator: torch.Generator | None = None) -> Tensor | None:
+        """``n`` samples of the export student, decoded to [-1, 1] ((N, 2) points for 2-D toys)."""
+        student = self.generator_for_export()
+        raw = self.grid_conditions(n, generator)
+        cond = self.teacher.encode_conditions(raw) if raw is not None else None
+        z = torch.randn((n, *student.sample_shape), generator=generator)
+        was = student.training
+        student.eval()
+        with torch.no_grad():
+            img = self.teacher.decode(student(z, cond, generator=generator))
+        student.train(was)
+        return img.clamp(-1, 1) if img.ndim == 4 else img
+
+    def exportable(self) -> bool:
+        """Whether :meth:`export` can write a pipeline (a diffusers teacher network to build from;
+        analytic toy teachers have none)."""
+        return isinstance(getattr(self.teacher, "model", None), nn.Module)
+
+    def export(self, output_dir: str | Path, *, ema_state: dict | None = None, extra: dict | None = None,
+               overwrite: bool = False) -> Path | None:
+        """The one-step student as a diffusers pipeline folder (None when not :meth:`exportable`)."""
+        if not self.exportable():
+            return None
+        from ..export import export_generator
+
+        return export_generator(self.generator_for_export(), self.teacher, Path(output_dir), algorithm=self.name,
+                                paper=self.paper, extra=extra, use_ema_state=ema_state, overwrite=overwrite)
 
     # -- helpers shared by algorithms ----------------------------------------------------------
-    def lr_defaults(self) -> dict[str, float]:
-        """Per-group learning rates the paper uses; the run config may override them."""
-        return {}
-
     def conditions(self, batch: dict, n: int, device) -> Any:
         raw = batch.get("raw_cond")
         if raw is None:

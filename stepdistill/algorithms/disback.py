@@ -115,6 +115,7 @@ class DisBack(Distiller):
         self._node_step0 = 0
         self._recording_step = 0
         self._start: dict | None = None  # critic's trainable tensors when recording began (in memory)
+        self._is_main = True  # set by on_step_begin: only the main process writes node files
 
     # -- bookkeeping ----------------------------------------------------------------------------
     def set_output_dir(self, output_dir: str | Path) -> None:
@@ -171,16 +172,19 @@ class DisBack(Distiller):
 
         if self.nodes_dir is None:
             raise ValueError("DisBack needs a nodes_dir (set algorithm.params.nodes_dir or train.output_dir)")
-        self.nodes_dir.mkdir(parents=True, exist_ok=True)
         name = f"node-{index:03d}.safetensors"
         keys = _trainable_keys(self._score_net())
         state = {k: v.detach().cpu().contiguous().clone() for k, v in self._score_net().state_dict().items() if k in keys}
-        tmp = self.nodes_dir / f".{name}.tmp-{os.getpid()}"
-        save_file(state, str(tmp))
-        os.replace(tmp, self.nodes_dir / name)
+        if self._is_main:  # the other ranks read it from the shared run folder when it becomes a target
+            self.nodes_dir.mkdir(parents=True, exist_ok=True)
+            tmp = self.nodes_dir / f".{name}.tmp-{os.getpid()}"
+            save_file(state, str(tmp))
+            os.replace(tmp, self.nodes_dir / name)
         if name not in self.node_files:
             self.node_files.append(name)
-        size = (self.nodes_dir / name).stat().st_size
+        size = sum(v.numel() * v.element_size() for v in state.values())  # tensor bytes (file: + header)
+        if self._is_main:
+            size = (self.nodes_dir / name).stat().st_size
         moved = None
         if self._start is not None:  # how far the critic has moved from where recording started
             moved = float(sum((state[k].double() - v.double()).pow(2).sum() for k, v in self._start.items()) ** 0.5)
@@ -198,7 +202,8 @@ class DisBack(Distiller):
                     "DisBack: the first node is already %.0f%% of the way to the degraded end, so the path has "
                     "few intermediate targets; lower algorithm.params.recording_lr_scale, or use "
                     "node_spacing: geometric", 100 * first)
-        _write_json_atomic(self.nodes_dir / "nodes.json", {"kind": self._node_kind(), "nodes": self.node_info})
+        if self._is_main:
+            _write_json_atomic(self.nodes_dir / "nodes.json", {"kind": self._node_kind(), "nodes": self.node_info})
         logger.info("DisBack node %s: %d tensors, %.2f MB (%s)", name, len(state), size / 2**20, self._node_kind())
 
     def _node_kind(self) -> str:
@@ -239,13 +244,14 @@ class DisBack(Distiller):
             self.switch_log.append(step)
 
     # -- the schedule -----------------------------------------------------------------------------
-    def phase(self, step: int) -> list[str]:
-        """Groups for ``step``; also records nodes and switches targets (the trainer calls this
-        exactly once per step, before the losses)."""
+    def on_step_begin(self, step: int, is_main: bool) -> None:
+        """Record nodes (the file on the main process only; every rank keeps the manifest) and switch
+        the target network, before the losses of ``step``."""
+        self._is_main = is_main
         stage = self.stage(step)
         if stage == "regression":
             self.target.use_teacher = True
-            return self.base.phase(step)
+            return
         if stage == "recording":
             self.target.use_teacher = True
             r = step - self.regression_steps  # critic updates done so far in this stage
@@ -255,7 +261,7 @@ class DisBack(Distiller):
             k = len(self.node_files)
             if k < self.config.num_nodes - 1 and r >= self.node_steps[k]:
                 self._save_node(k + 1)
-            return ["critic"]
+            return
         if len(self.node_files) < self.config.num_nodes:  # final node: critic after the whole stage
             self._recording_step = self.config.recording_steps
             self._save_node(len(self.node_files) + 1)
@@ -263,6 +269,14 @@ class DisBack(Distiller):
             self._advance_to(0, step)
         elif step - self._node_step0 >= self.config.switch_every_steps:
             self._advance_to(self.current + 1, step)
+
+    def phase(self, step: int) -> list[str]:
+        """Groups for ``step`` (pure): the base method's, except critic-only while recording."""
+        stage = self.stage(step)
+        if stage == "regression":
+            return self.base.phase(step)
+        if stage == "recording":
+            return ["critic"]
         return self.base.phase(self._base_step(step))
 
     def loss(self, batch: dict, step: int, group: str, cache: dict) -> LossOutput:

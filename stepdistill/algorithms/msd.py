@@ -226,11 +226,15 @@ class MSD(Distiller):
         s = step - (self._tsm_total() if self.small else 0)
         return s // self.config.num_students if self.config.schedule == "round_robin" else s
 
+    def on_step_begin(self, step: int, is_main: bool) -> None:
+        """The first step after teacher score matching starts each fake score from its TSM network."""
+        if self.small and not self._in_tsm(step) and not all(self._tsm_done):
+            self._finish_tsm()
+
     def phase(self, step: int) -> list[str]:
+        """Groups for ``step`` (pure): the TSM generators, then the active students' base phases."""
         if self._in_tsm(step):
             return [f"s{k}.generator" for k in self._active(step)]
-        if self.small and not all(self._tsm_done):
-            self._finish_tsm()
         out = []
         for k in self._active(step):
             out += [f"s{k}.{g}" for g in self.students[k].phase(self._student_step(step))]
@@ -244,6 +248,37 @@ class MSD(Distiller):
 
     def generator_for_export(self):
         return [s.generator_for_export() for s in self.students]
+
+    # -- glue: grid and export -------------------------------------------------------------------
+    def sample_images(self, n: int, generator=None):
+        """The grid with each class routed to its student (one noise draw for the whole grid)."""
+        gens = self.generator_for_export()
+        raw = self.grid_conditions(n, generator)
+        z = torch.randn((n, *gens[0].sample_shape), generator=generator)
+        x0 = torch.zeros_like(z)
+        with torch.no_grad():
+            for k, student in enumerate(gens):
+                idx = torch.tensor([i for i in range(n) if self.route[int(raw[i])] == k], dtype=torch.long)
+                if len(idx):
+                    was = student.training
+                    student.eval()
+                    x0[idx] = student(z[idx], self.teacher.encode_conditions(raw[idx]))
+                    student.train(was)
+            img = self.teacher.decode(x0)
+        return img.clamp(-1, 1) if img.ndim == 4 else img
+
+    def export_groups(self) -> list[str]:
+        return [f"s{k}.generator" for k in range(len(self.students))]
+
+    def export(self, output_dir, *, ema_state=None, extra=None, overwrite=False):
+        """One multi-student pipeline routing each class to its student (no EMA: MSD has no single
+        EMA group)."""
+        if not self.exportable():
+            return None
+        from ..export import export_multi_student
+
+        return export_multi_student(self.generator_for_export(), self.teacher, self.route, output_dir,
+                                    algorithm=self.name, paper=self.paper, extra=extra, overwrite=overwrite)
 
     # -- data filtering ------------------------------------------------------------------------
     def _slice_batch(self, batch: dict, k: int, n: int) -> dict:
