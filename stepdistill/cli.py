@@ -14,14 +14,16 @@ EPILOG = textwrap.dedent(
       stepdistill demo                                   # embedded end-to-end job (digits)
       stepdistill teacher train --preset digits --output runs/teacher train.max_steps=30
       stepdistill train digits/dmd2 train.max_steps=200 train.output_dir=runs/dmd2
-      accelerate launch --num_processes 2 --cpu -m stepdistill.train digits/dmd2
+      accelerate launch --multi_gpu --num_processes 2 -m stepdistill.train digits/dmd2
+      ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 -m stepdistill.train analytic/dmd2
       stepdistill sample runs/dmd2/pipeline --num-images 16 --output grid.png
       stepdistill export runs/dmd2 --output my-pipeline
       stepdistill eval fid runs/dmd2/pipeline digits --json
       stepdistill presets
 
-    Overrides are dotted key=value pairs applied to the preset (YAML values):
+    Overrides are dotted key=value pairs applied to the preset (YAML values), before or after options:
       train.max_steps=200  algorithm.params.gan_weight=0.003  teacher.guidance_scale=1.75
+    The second launch form runs 2 CPU processes (gloo); FSDP and DeepSpeed launches are refused.
     """
 )
 
@@ -95,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     from .config import ConfigError
 
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = _parse(parser, argv)
     if args.command is None:
         parser.print_help()
         return 0
@@ -114,6 +116,22 @@ def main(argv: list[str] | None = None) -> int:
         raise
 
 
+def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse with options and ``key=value`` overrides in any order (argparse alone stops filling
+    the overrides positional at the first option)."""
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if isinstance(getattr(args, "overrides", None), list) and all(_is_override(a) for a in extra):
+            args.overrides = [*args.overrides, *extra]
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
+def _is_override(arg: str) -> bool:
+    return "=" in arg and not arg.startswith("-")
+
+
 def _dispatch(parser, args) -> int:
     from .config import list_presets, load_config, save_config, to_dict
 
@@ -125,11 +143,10 @@ def _dispatch(parser, args) -> int:
         if args.teacher_command != "train":
             parser.parse_args(["teacher", "--help"])
             return 2
-        from .run import run_ar_teacher_training, run_teacher_training
+        from .run import train_teacher
 
         cfg = load_config(_teacher_preset(args.preset), args.overrides)
-        trainer = run_ar_teacher_training if cfg.teacher.kind == "ar" else run_teacher_training
-        out = trainer(cfg, args.output)
+        out = train_teacher(cfg, args.output)
         print(f"teacher pipeline written to {out}")
         return 0
     if args.command == "train":
@@ -142,13 +159,13 @@ def _dispatch(parser, args) -> int:
 
             print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
             return 0
-        from .run import run_ar_distillation, run_distillation
+        from .run import run_distillation
 
-        runner = run_ar_distillation if cfg.teacher.kind == "ar" else run_distillation
-        result = runner(cfg, export=not args.no_export)
-        save_config(cfg, Path(cfg.train.output_dir) / "config.yaml")
-        if "pipeline" in result:
-            print(f"pipeline written to {result['pipeline']}")
+        result = run_distillation(cfg, export=not args.no_export)
+        if result["accelerator"].is_main_process:
+            save_config(cfg, Path(cfg.train.output_dir) / "config.yaml")
+            if "pipeline" in result:
+                print(f"pipeline written to {result['pipeline']}")
         return 0
     if args.command == "sample":
         from .sampling import sample_to_path

@@ -1,7 +1,14 @@
-"""``accelerate launch -m stepdistill.train <preset-or-yaml> [key=value ...]``
+"""``accelerate launch -m stepdistill.train <preset-or-yaml> [key=value ...] [--no-export]``
 
-The distributed entry point: every process runs this module; the training loop averages
-gradients across processes and only the main process writes checkpoints, logs and the export.
+The distributed entry point: every process runs this module; the trainer averages gradients
+across processes and only the main process writes checkpoints, logs and the export.  Launch forms
+that work:
+
+    accelerate launch --multi_gpu --num_processes 2 -m stepdistill.train digits/dmd2
+    ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 -m stepdistill.train analytic/dmd2
+
+(the second runs 2 CPU processes with gloo; ``--cpu --num_processes 2`` starts only one process).
+FSDP and DeepSpeed launches are refused (FSDP2 sharding is not implemented yet).
 """
 
 from __future__ import annotations

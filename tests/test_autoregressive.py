@@ -10,16 +10,15 @@ import torch
 
 from stepdistill.pipelines.ar_image import cfg_logits, filter_logits, sample_tokens
 from stepdistill.teachers.autoregressive import (
-    ARLMTraining,
     ARTeacher,
     ARTeacherSpec,
     LMSpec,
     VQSpec,
-    VQTraining,
     VQTrainSpec,
     build_transformer,
     build_vqvae,
 )
+from stepdistill.training.tasks import ARLMTraining, VQTraining
 
 TINY_VQ = VQSpec(
     block_out_channels=[8, 8], latent_channels=4, vq_embed_dim=2, num_vq_embeddings=8, norm_num_groups=4

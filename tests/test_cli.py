@@ -190,6 +190,59 @@ def test_other_algorithms_train_and_export(teacher_dir, tmp_path, preset, extra)
     assert images.shape[0] == 3
     if "disback" in preset:
         assert len(list((run / "disback_nodes").glob("node-*.safetensors"))) == 2
+    # `stepdistill export RUN`: the algorithm names the groups to load and the pipeline to write
+    # (MSD has no "generator" group: it exports its multi-student pipeline)
+    again = tmp_path / "again"
+    assert main(["export", str(run), "--output", str(again)]) == 0
+    assert json.loads((again / "model_index.json").read_text()) == json.loads(
+        (run / "pipeline" / "model_index.json").read_text())
+
+
+#: where `stepdistill export RUN` (run.export_run) is tested for each registered algorithm
+EXPORT_RUN_TESTS = {
+    "dmd2": "test_train_export_sample_eval",
+    "msd": "test_other_algorithms_train_and_export[digits/msd_k2]",
+    "disback": "test_other_algorithms_train_and_export[digits/disback_dmd2]",
+    "boot": "test_other_algorithms_train_and_export[digits/boot]",
+    "vsd": "test_other_algorithms_train_and_export[digits/vsd]",
+    "dd": "tests/test_distilled_decoding.py::test_run_ar_distillation_smoke",
+}
+
+
+def test_export_run_is_tested_for_every_registered_algorithm():
+    from stepdistill.algorithms import REGISTRY
+
+    assert set(REGISTRY) <= set(EXPORT_RUN_TESTS), f"add an export test for {set(REGISTRY) - set(EXPORT_RUN_TESTS)}"
+
+
+def test_options_and_overrides_in_any_order(capsys):
+    argv = ["train", "digits/dmd2", "--dry-run", "train.max_steps=5", "--no-export", "train.batch_size=3"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "max_steps: 5" in out and "batch_size: 3" in out
+    with pytest.raises(SystemExit):
+        main(["train", "digits/dmd2", "--dry-run", "--bogus"])  # other unknown arguments still fail
+    assert "unrecognized arguments: --bogus" in capsys.readouterr().err
+
+
+def test_no_export_before_overrides_trains_without_a_pipeline(teacher_dir, tmp_path):
+    run = tmp_path / "run"
+    overrides = [o for o in _dmd2_overrides(teacher_dir, run) if not o.startswith("train.max_steps")]
+    assert main(["train", "digits/dmd2", "--no-export", "train.max_steps=1", *overrides]) == 0
+    assert (run / "checkpoints" / "checkpoint-0000001").is_dir() and not (run / "pipeline").exists()
+
+
+def test_help_shows_only_launch_forms_that_work(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    launches = [line for line in out.splitlines() if "accelerate launch" in line]
+    assert launches and all("--multi_gpu" in line and "--cpu" not in line for line in launches)
+    from stepdistill.train import main as train_main
+
+    assert train_main(["--help"]) == 0
+    doc = capsys.readouterr().out
+    assert "--multi_gpu" in doc and "FSDP and DeepSpeed launches are refused" in doc
 
 
 def test_demo_end_to_end_small(teacher_dir, tmp_path, capsys):

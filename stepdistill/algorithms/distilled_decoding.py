@@ -629,6 +629,40 @@ class DistilledDecoding(Distiller):
     def generator_for_export(self) -> DDStudent:
         return self.student
 
+    # -- glue: source, grid, export (what run.py asks every algorithm) ----------------------------------
+    def build_source(self, train_cfg: Any, rank: int = 0, world: int = 1) -> PairSource:
+        """The teacher's (noise, tokens) pair set, generated (split over ranks) or reused."""
+        if train_cfg.dataset is not None:
+            from ..config import ConfigError
+
+            raise ConfigError("Distilled Decoding is data-free (its pairs come from the teacher); unset train.dataset")
+        return self.make_source(seed=train_cfg.seed, rank=rank, world=world, progress=train_cfg.progress)
+
+    def sample_images(self, n: int, generator=None) -> Tensor:
+        labels = torch.arange(n) % self.teacher.num_classes
+        z = torch.randn((n, *self.student.sample_shape), generator=generator)
+        device = self.student.codes.device
+        was = self.student.training
+        self.student.eval()
+        with torch.no_grad():
+            img = self.teacher.decode(self.student(z.to(device), labels.to(device)))
+        self.student.train(was)
+        return img
+
+    def exportable(self) -> bool:
+        return True
+
+    def export(self, output_dir, *, ema_state=None, extra=None, overwrite=False):
+        """A ``DistilledDecodingPipeline`` folder (the teacher's VQ decoder + the student)."""
+        from ..export import export_dd_pipeline
+
+        extra = {**(extra or {}), "pair_set": self.pair_set().key}
+        return export_dd_pipeline(self.student, self.teacher, Path(output_dir), algorithm=self.name,
+                                  paper=self.paper, extra=extra, use_ema_state=ema_state, overwrite=overwrite)
+
+    def run_info(self) -> dict:
+        return {"pair_set": str(self.pair_set().folder)}
+
     def state_dict_extra(self) -> dict:
         return {"pair_set": self.pair_set().key, "codebook_scale": self.scale}
 

@@ -23,10 +23,11 @@ per-image generators; KV-cached decoding) is *imported from* ``stepdistill.pipel
 the self-contained pipeline file, so the training-time teacher and the exported pipeline are the
 same code.
 
-Training (``run_ar_teacher_training`` in ``stepdistill/run.py``) is two single-group "algorithms"
-under the generic loop: :class:`VQTraining` (VQ-VAE loss: reconstruction + codebook/commitment,
-dead-code restarts) and then :class:`ARLMTraining` (next-token cross-entropy over the codebook on
-the tokenised data, class prefix dropped to the null class with probability ``cond_dropout``).
+Training (``run_ar_teacher_training`` in ``stepdistill/run.py``) is two single-group training tasks
+under the generic trainer, defined in :mod:`stepdistill.training.tasks` (this module only defines
+the models): ``VQTraining`` (VQ-VAE loss: reconstruction + codebook/commitment, dead-code restarts)
+and then ``ARLMTraining`` (next-token cross-entropy over the codebook on the tokenised data, class
+prefix dropped to the null class with probability ``cond_dropout``).
 """
 
 from __future__ import annotations
@@ -37,10 +38,8 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..algorithms.base import Distiller, LossOutput
 from ..pipelines.ar_image import (
     ar_generate,
     cfg_logits,
@@ -58,8 +57,6 @@ __all__ = [
     "build_vqvae",
     "build_transformer",
     "ARTeacher",
-    "VQTraining",
-    "ARLMTraining",
 ]
 
 
@@ -445,113 +442,3 @@ def quantize_indices(vqvae, x: Tensor) -> Tensor:
     flat = z.permute(0, 2, 3, 1).reshape(-1, d)
     idx = torch.cdist(flat, vqvae.quantize.embedding.weight).argmin(-1)
     return idx.reshape(b, h * w)
-
-
-# ---------------------------------------------------------------------------------------------
-# teacher training under the generic loop (not registered as distillation algorithms)
-
-
-class VQTraining(Distiller):
-    """Single-group 'algorithm': VQ-VAE training of the tokenizer on images.
-
-    Loss: ``mse(decode(quantize(encode(x))), x) + commitment_weight * vq_loss`` with the
-    straight-through estimator (diffusers' ``VectorQuantizer``, legacy weighting
-    ``||sg(z_q) - z||^2 + 0.25 ||z_q - sg(z)||^2``).  Dead codes (unused by the ~B*h*w latents of
-    the current batch) are re-initialised to random latents of the batch every
-    ``restart_every_steps`` steps until ``restart_until_steps`` -- the standard remedy for codebook
-    collapse with small codebooks; deterministic under the loop's per-step seeding, so resume stays
-    exact.
-    """
-
-    name = "teacher-vq"
-    paper = "van den Oord et al. 2017 (VQ-VAE); Esser et al. 2021 (VQGAN, the diffusers VQModel)"
-    Config = VQTrainSpec
-    needs_data = True
-
-    def __init__(self, spec: VQSpec, train_spec: VQTrainSpec, vqvae: nn.Module | None = None):
-        nn.Module.__init__(self)
-        self.config = train_spec
-        self.spec = spec
-        self.vqvae = vqvae if vqvae is not None else build_vqvae(spec)
-
-    def trainable(self) -> dict[str, nn.Module]:
-        return {"vqvae": self.vqvae}
-
-    def lr_defaults(self) -> dict[str, float]:
-        return {"vqvae": self.config.lr}
-
-    def loss(self, batch: dict, step: int, group: str, cache: dict) -> LossOutput:
-        x = batch["real"]
-        vq = self.vqvae
-        z = vq.encode(x).latents
-        c = self.config
-        if c.restart_every_steps and step < c.restart_until_steps and step % c.restart_every_steps == 0:
-            self._restart_dead_codes(z.detach())
-        quant, vq_loss, info = vq.quantize(z)
-        idx = info[2].reshape(-1)
-        dec = vq.decoder(vq.post_quant_conv(quant))
-        recon = F.mse_loss(dec, x)
-        loss = recon + c.commitment_weight * vq_loss
-        used = torch.unique(idx).numel()
-        return LossOutput(
-            loss, {"recon": float(recon.detach()), "vq": float(vq_loss.detach()), "codes_used": float(used)}
-        )
-
-    @torch.no_grad()
-    def _restart_dead_codes(self, z: Tensor) -> None:
-        emb = self.vqvae.quantize.embedding.weight
-        flat = z.permute(0, 2, 3, 1).reshape(-1, emb.shape[1])
-        idx = torch.cdist(flat, emb).argmin(-1)
-        counts = torch.bincount(idx, minlength=emb.shape[0])
-        dead = (counts == 0).nonzero().flatten()
-        if dead.numel() == 0:
-            return
-        pick = torch.randint(0, flat.shape[0], (dead.numel(),), device=flat.device)
-        jitter = 0.01 * flat.std() * torch.randn(dead.numel(), emb.shape[1], device=flat.device)
-        emb[dead] = flat[pick] + jitter
-
-    def generator_for_export(self):
-        raise NotImplementedError("the tokenizer is exported as part of the ARImagePipeline")
-
-
-class ARLMTraining(Distiller):
-    """Single-group 'algorithm': next-token cross-entropy of the causal LM on tokenised images.
-
-    Batches: ``real`` = token indices (B, n) (raster order), ``raw_cond`` = class ids.  The class
-    prefix is replaced by the null class with probability ``cond_dropout`` (classifier-free
-    guidance).  Cross-entropy over the codebook logits only (class tokens are never predicted).
-    """
-
-    name = "teacher-ar-lm"
-    paper = "Sun et al. 2024 (LlamaGen); Ho & Salimans 2022 (CFG)"
-    Config = LMSpec
-    needs_data = True
-
-    def __init__(self, spec: LMSpec, transformer: nn.Module, codebook_size: int, num_classes: int):
-        nn.Module.__init__(self)
-        self.config = spec
-        self.transformer = transformer
-        self.codebook_size = int(codebook_size)
-        self.num_classes = int(num_classes)
-
-    def trainable(self) -> dict[str, nn.Module]:
-        return {"transformer": self.transformer}
-
-    def lr_defaults(self) -> dict[str, float]:
-        return {"transformer": 1e-3}
-
-    def loss(self, batch: dict, step: int, group: str, cache: dict) -> LossOutput:
-        tokens = batch["real"].long()
-        labels = torch.as_tensor(batch["raw_cond"], device=tokens.device).long()
-        b = tokens.shape[0]
-        drop = torch.rand(b, device=tokens.device) < self.config.cond_dropout
-        labels = torch.where(drop, torch.full_like(labels, self.num_classes), labels)
-        ids = torch.cat([(labels + self.codebook_size)[:, None], tokens[:, :-1]], 1)
-        logits = self.transformer(input_ids=ids, use_cache=False).logits[..., : self.codebook_size]
-        loss = F.cross_entropy(logits.reshape(-1, self.codebook_size).float(), tokens.reshape(-1))
-        with torch.no_grad():
-            acc = (logits.argmax(-1) == tokens).float().mean()
-        return LossOutput(loss, {"ce": float(loss.detach()), "token_acc": float(acc)})
-
-    def generator_for_export(self):
-        raise NotImplementedError("the LM is exported as part of the ARImagePipeline")
