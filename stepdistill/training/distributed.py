@@ -37,7 +37,8 @@ _REFUSED = {
 }
 
 
-def _report_to(value: str | None) -> str | None:
+def tracker_backend(value: str | None) -> str | None:
+    """``train.report_to`` as accelerate's ``log_with`` (None for none / null / false / empty)."""
     if value is None or str(value).strip().lower() in ("", "none", "null", "false"):
         return None
     return value
@@ -94,7 +95,7 @@ def make_accelerator(cfg: Any):
 
     check_launch()
     project = ProjectConfiguration(project_dir=str(cfg.output_dir), logging_dir=str(cfg.output_dir))
-    kw = dict(mixed_precision=cfg.mixed_precision, log_with=_report_to(cfg.report_to), project_config=project)
+    kw = dict(mixed_precision=cfg.mixed_precision, log_with=tracker_backend(cfg.report_to), project_config=project)
     _reset_stale_state(cfg.mixed_precision)
     acc = Accelerator(**kw)
     check_launch(acc)
@@ -217,6 +218,7 @@ __all__ = [
     "any_rank",
     "broadcast_modules",
     "check_launch",
+    "tracker_backend",
     "describe_launch",
     "launch_state",
     "make_accelerator",

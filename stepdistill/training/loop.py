@@ -57,7 +57,6 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .distributed import (
-    _report_to,
     all_reduce_grads,
     any_rank,
     broadcast_modules,
@@ -67,6 +66,7 @@ from .distributed import (
     on_main,
     reduce_logs,
     total_norm,
+    tracker_backend,
 )
 from .ema import EMA
 from .images import save_samples
@@ -237,7 +237,7 @@ class Trainer:
         self._setup_groups()
         self._resume()
         on_main(acc, self._prepare_files, "writing config.yaml")
-        self.own_trackers = self.own_accelerator and _report_to(cfg.report_to) is not None
+        self.own_trackers = self.own_accelerator and tracker_backend(cfg.report_to) is not None
         if self.own_trackers:
             acc.init_trackers("tensorboard", config=flatten(self._config_data()))
         self.trackers = bool(getattr(acc, "trackers", None))
