@@ -80,7 +80,7 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
 
 
 @contextlib.contextmanager
-def _num_threads(n: int | None) -> Iterator[None]:
+def num_threads(n: int | None) -> Iterator[None]:
     """Temporarily set torch's intra-op threads (tiny 8x8 convolutions are faster and bitwise
     reproducible single-threaded; several threads on a busy 2-core machine are many times slower)."""
     if n is None:
@@ -317,14 +317,14 @@ class DigitsDetector(Detector):
         return x
 
     def _forward(self, batch: torch.Tensor) -> torch.Tensor:
-        with _num_threads(1):
+        with num_threads(1):
             return self.net.features(self._prepare(batch))
 
     def logits(self, images: Any, batch_size: int | None = None) -> torch.Tensor:
         x = self.convert_channels(as_uint8_nchw(images))
         bs = batch_size or self.default_batch_size
         out = []
-        with torch.inference_mode(), _num_threads(1):
+        with torch.inference_mode(), num_threads(1):
             for i in range(0, x.shape[0], bs):
                 out.append(self.net(self._prepare(x[i : i + bs])).float().cpu())
         return torch.cat(out) if out else torch.zeros(0, self.num_classes)
@@ -377,7 +377,7 @@ def train_digits_detector(
 
     out = Path(out_path)
     t0 = time.perf_counter()
-    with _num_threads(1):
+    with num_threads(1):
         torch.manual_seed(seed)
         g = torch.Generator().manual_seed(seed)
         x, y = load_digits(split)

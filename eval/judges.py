@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .detectors import CONFIG_FILE, WEIGHTS_FILE, Detector, _num_threads, as_uint8_nchw, sha256_file
+from .detectors import CONFIG_FILE, WEIGHTS_FILE, Detector, as_uint8_nchw, num_threads, sha256_file
 from .errors import EvalInputError
 
 __all__ = [
@@ -106,7 +106,7 @@ def _to_net_input(images: torch.Tensor) -> torch.Tensor:
     return images.float() / 127.5 - 1.0
 
 
-def _as_uint8(x: torch.Tensor) -> torch.Tensor:
+def as_uint8(x: torch.Tensor) -> torch.Tensor:
     return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
@@ -201,7 +201,7 @@ class AttributeDetector(Detector):
         return x
 
     def _forward(self, batch: torch.Tensor) -> torch.Tensor:
-        with _num_threads(1):
+        with num_threads(1):
             return self.net.features(self._prep(batch))
 
     def predict(self, images: Any, batch_size: int | None = None) -> torch.Tensor:
@@ -209,7 +209,7 @@ class AttributeDetector(Detector):
         x = self.convert_channels(as_uint8_nchw(images, what="judge images"))
         bs = batch_size or self.default_batch_size
         out = []
-        with torch.inference_mode(), _num_threads(1):
+        with torch.inference_mode(), num_threads(1):
             for i in range(0, x.shape[0], bs):
                 d, f, b = self.net(self._prep(x[i : i + bs]))
                 out.append(torch.stack([d.argmax(1), f.argmax(1), b.argmax(1)], 1).cpu())
@@ -261,8 +261,8 @@ def _judge_data(variants: int, seed: int):
     tr = load_split("judge", variants=variants, seed=seed)
     ho = load_split("heldout", variants=2, seed=seed + 1)
     # exactly what the judges see at inference: uint8-quantised images
-    return (_to_net_input(_as_uint8(tr.images)), tr.attrs, tr.captions,
-            _to_net_input(_as_uint8(ho.images)), ho.attrs, ho.captions)
+    return (_to_net_input(as_uint8(tr.images)), tr.attrs, tr.captions,
+            _to_net_input(as_uint8(ho.images)), ho.attrs, ho.captions)
 
 
 def train_attribute_judge(out_path: str | os.PathLike, steps: int = 1500, seed: int = 1, batch_size: int = 128,
@@ -272,7 +272,7 @@ def train_attribute_judge(out_path: str | os.PathLike, steps: int = 1500, seed: 
 
     out = Path(out_path)
     t0 = time.perf_counter()
-    with _num_threads(1):
+    with num_threads(1):
         torch.manual_seed(seed)
         g = torch.Generator().manual_seed(seed)
         x, y, _, xh, yh, _ = _judge_data(variants, seed)
@@ -407,7 +407,7 @@ def train_clip_judge(out_path: str | os.PathLike, steps: int = 2000, seed: int =
         tok = word_level_clip_tokenizer(tok_dir, vocabulary(), model_max_length=16)
     finally:
         shutil.rmtree(tok_dir, ignore_errors=True)
-    with _num_threads(1):
+    with num_threads(1):
         torch.manual_seed(seed)
         g = torch.Generator().manual_seed(seed)
         x, _, caps, xh, _, caps_h = _judge_data(variants, seed)

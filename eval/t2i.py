@@ -175,10 +175,10 @@ def reference_features(detector: Any, reference: Any = None) -> tuple[Any, dict[
     if reference is None:
         from stepdistill.data.colored_mnist import load_split
 
-        from .judges import _as_uint8
+        from .judges import as_uint8
 
         ref = load_split("heldout", variants=2, seed=0)
-        x = _as_uint8(ref.images)
+        x = as_uint8(ref.images)
         st = FeatureStats.from_features(detector.features(x), source="colored-mnist-heldout")
         return st, {"reference": "colored_mnist heldout, variants=2, seed=0", "reference_n": int(x.shape[0])}
     if isinstance(reference, FeatureStats):
@@ -357,14 +357,14 @@ def load_vae(folder: str | os.PathLike, device: str | torch.device = "cpu"):
 
 def vae_reconstruct(vae: Any, images: torch.Tensor, batch_size: int = 250) -> torch.Tensor:
     """Encode (posterior mode) and decode float images in [-1, 1]; returns uint8."""
-    from .judges import _as_uint8
+    from .judges import as_uint8
 
     out = []
     dev = next(vae.parameters()).device
     with torch.inference_mode():
         for i in range(0, images.shape[0], batch_size):
             z = vae.encode(images[i : i + batch_size].to(dev)).latent_dist.mode()
-            out.append(_as_uint8(vae.decode(z).sample.cpu()))
+            out.append(as_uint8(vae.decode(z).sample.cpu()))
     return torch.cat(out)
 
 
@@ -381,7 +381,7 @@ def t2i_floors(vae: str | os.PathLike | Any = None, *, seeds: tuple[int, ...] | 
     from stepdistill.data.colored_mnist import load_split
 
     from .fid import FeatureStats, frechet_distance
-    from .judges import AttributeDetector, _as_uint8, default_attribute_detector
+    from .judges import AttributeDetector, as_uint8, default_attribute_detector
 
     det = (default_attribute_detector(device=device) if attr_judge is None else
            attr_judge if isinstance(attr_judge, AttributeDetector) else AttributeDetector.load(attr_judge, device=device))
@@ -399,11 +399,11 @@ def t2i_floors(vae: str | os.PathLike | Any = None, *, seeds: tuple[int, ...] | 
         g = torch.Generator().manual_seed(5000 + s)
         ho = load_split("heldout", variants=max(2, math.ceil(k / 500)), seed=1000 + s)
         pick = torch.randperm(len(ho), generator=g)[:k]  # rows are sorted by digit: draw, never take a prefix
-        per.setdefault("heldout_recoloured", []).append(fid(_as_uint8(ho.images[pick])))
+        per.setdefault("heldout_recoloured", []).append(fid(as_uint8(ho.images[pick])))
         tr_v = load_split("train", variants=1, seed=100 + s) if s else train
         idx = torch.randperm(len(tr_v), generator=g)[:k]
         xt = tr_v.images[idx]
-        per.setdefault("train_images", []).append(fid(_as_uint8(xt)))
+        per.setdefault("train_images", []).append(fid(as_uint8(xt)))
         if vae_model is not None:
             per.setdefault("vae_train_images", []).append(fid(vae_reconstruct(vae_model, xt)))
     out: dict[str, Any] = {"n": int(num_images), "seeds": [int(s) for s in seeds], "fid_detector_id": det.id, **ref_info}

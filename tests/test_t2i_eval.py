@@ -31,7 +31,7 @@ def clip():
 @pytest.fixture(scope="module")
 def heldout():
     d = cm.load_split("heldout", variants=1, seed=7)
-    return J._as_uint8(d.images), d.captions, d.attrs
+    return J.as_uint8(d.images), d.captions, d.attrs
 
 
 @pytest.fixture(scope="module")
@@ -70,12 +70,12 @@ def test_fid_of_a_set_against_itself_is_zero_and_other_colours_are_not(det):
     ref, info = reference_features(det)
     assert info["reference_n"] == 1000
     same = cm.load_split("heldout", variants=2, seed=0)
-    st = FeatureStats.from_features(det.features(J._as_uint8(same.images)))
+    st = FeatureStats.from_features(det.features(J.as_uint8(same.images)))
     assert abs(frechet_distance(st.mu, st.sigma, ref.mu, ref.sigma)) < 1e-6
     # a wrong distribution: every digit drawn in the same colour pair
     masks = torch.from_numpy(np.pad(cm._raw()[0][cm._split_indices()["heldout"]], ((0, 0), (2, 2), (2, 2))))
     x = cm.paint(masks.repeat(2, 1, 1), torch.zeros(1000, dtype=torch.long), torch.ones(1000, dtype=torch.long))
-    st2 = FeatureStats.from_features(det.features(J._as_uint8(x)))
+    st2 = FeatureStats.from_features(det.features(J.as_uint8(x)))
     assert frechet_distance(st2.mu, st2.sigma, ref.mu, ref.sigma) > 50
 
 

@@ -438,7 +438,7 @@ class DiffusersTeacher(DiffusionTeacher):
         if blocks is None or not len(blocks):
             raise ValueError(f"cannot find a bottleneck in {type(model).__name__}")
         patch = int(model.config.get("patch_size") or 1)
-        return blocks[-1], _TokenGrid(self.sample_shape, patch, stream=None)
+        return blocks[-1], TokenGrid(self.sample_shape, patch, stream=None)
 
     # -- noise-level conversions ----------------------------------------------------------------
     def sigma_to_t(self, sigma: Tensor) -> Tensor:
@@ -807,7 +807,7 @@ def _first_output(output) -> Tensor:
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
-class _TokenGrid:
+class TokenGrid:
     """(B, N, D) image tokens (element ``stream`` of a block's tuple output) -> (B, D, h, w) on the
     patch grid of ``sample_shape`` (scaled to N tokens when the resolution differs)."""
 

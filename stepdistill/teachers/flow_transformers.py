@@ -41,7 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from .base import Cond, cond_to, freeze
-from .diffusion import DiffusersTeacher, TeacherLoadError, _TokenGrid, load_folder_part
+from .diffusion import DiffusersTeacher, TeacherLoadError, TokenGrid, load_folder_part
 
 #: weights of the FLUX guidance embedding (present iff the checkpoint is guidance-distilled)
 FLUX_GUIDANCE_PREFIX = "time_text_embed.guidance_embedder."
@@ -150,7 +150,7 @@ class _TextFlowTeacher(DiffusersTeacher):
         patch = 2 * int(self.model.config.get("patch_size") or 1) if isinstance(self, FluxTeacher) else int(
             self.model.config.get("patch_size") or 2
         )
-        return blocks[-1], _TokenGrid(self.sample_shape, patch, stream=1)
+        return blocks[-1], TokenGrid(self.sample_shape, patch, stream=1)
 
 
 class SD3Teacher(_TextFlowTeacher):
