@@ -337,7 +337,7 @@ def _add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--coco-root", default=None, help="folder in the documented layout")
     p.add_argument("--prompts", default=None, help="captions file, one per line (default ROOT/prompts_30k.txt)")
     p.add_argument("--reference", default=None, help="reference image folder or Inception statistics .npz")
-    p.add_argument("--inception-weights", default=None, help="torch-fidelity pt_inception-2015-12-05 .pth file")
+    p.add_argument("--inception-weights", default=None, help="torch-fidelity weights-inception-2015-12-05-6726825d.pth file")
     p.add_argument("--clip-model", default=None, help="local CLIP folder (CLIPModel.save_pretrained)")
     p.add_argument("--clip-prefix", default="", help="text prefix for the CLIP score, e.g. 'A photo depicts '")
     p.add_argument("--feature-dim", type=int, default=2048, help="Inception feature (2048 = pool3, the standard)")

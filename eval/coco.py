@@ -8,7 +8,7 @@ module runs that protocol without any download; the layout (``--coco-root ROOT``
       reference_stats.npz      Inception pool3 statistics of the reference images (mu, sigma[, n]) ...
       reference/               ... or the reference images themselves (PNG/JPEG, already resized and
                                centre-cropped to the evaluation resolution); stats are then cached
-      inception/pt_inception-2015-12-05-6726825d.pth
+      inception/weights-inception-2015-12-05-6726825d.pth
                                torch-fidelity's Inception weights (a plain state dict)
       clip/                    a CLIP folder saved with CLIPModel/CLIPProcessor.save_pretrained
                                (e.g. openai/clip-vit-large-patch14 or ViT-g/14 converted)
@@ -40,7 +40,7 @@ COCO_LAYOUT = {
     "inception": "inception",
     "clip": "clip",
 }
-INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
+INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 
 
 def _find_inception(folder: Path) -> Path:
