@@ -27,6 +27,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "t2i_teacher.json"
 PLOT = ROOT / "benchmarks" / "results" / "t2i_teacher.png"
@@ -138,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pipeline", default=None, help="StableDiffusionPipeline folder (default: the cached teacher)")
     ap.add_argument("--parts", nargs="+", default=["grid", "targets", "floors", "plot"],
-                    choices=["grid", "targets", "relative", "floors", "plot"])
+                    choices=["grid", "targets", "floors", "plot"])
     ap.add_argument("--samplers", default=",".join(SAMPLERS))
     ap.add_argument("--steps", default=",".join(map(str, STEPS)))
     ap.add_argument("--cfgs", default=",".join(f"{c:g}" for c in CFGS))
@@ -196,27 +198,33 @@ def main(argv: list[str] | None = None) -> int:
     target_cfg = 4.5 if target_cfg is None else target_cfg
     seeds = _ints(args.target_seeds)
     if "targets" in args.parts:
-        rows = []
-        for steps in _ints(args.target_steps):
-            res = run(args.target_sampler, steps, target_cfg, args.target_n, seeds)
-            rows.append(row_from(res, "targets", args.target_sampler, steps, target_cfg, command, commit))
-        res = run(args.target_sampler, 8, 1.0, args.target_n, seeds)
-        rows.append(row_from(res, "targets", args.target_sampler, 8, 1.0, command, commit))
-        merge_rows(out, rows)
-    if "relative" in args.parts:
-        # teacher-relative FID: reference = the teacher's own 50-step samples (other seed) at the target CFG
-        from stepdistill.eval.fid import FeatureStats
+        # the rows the targets need, several evaluation seeds; their images also give the
+        # teacher-relative FID: each step count's seed-s images against the 50-step images of the next
+        # seed (same prompts, other noise; 50 vs 50 is that FID's floor)
+        from stepdistill.eval.fid import FeatureStats, frechet_distance
         from stepdistill.eval.judges import default_attribute_detector
 
         det = default_attribute_detector()
-        ref = run(args.target_sampler, 50, target_cfg, args.target_n, [99], keep_images=True, clip_model=False)
-        ref_stats = FeatureStats.from_features(det.features(ref["_images"][99]))
-        rows = []
-        for steps in _ints(args.target_steps):
-            res = run(args.target_sampler, steps, target_cfg, args.target_n, seeds, reference=ref_stats,
-                      clip_model=False)
-            rows.append(row_from(res, "relative", args.target_sampler, steps, target_cfg, command, commit,
-                                 {"reference_kind": f"teacher {args.target_sampler}-50 cfg {target_cfg:g} seed 99"}))
+        steps_list = _ints(args.target_steps)
+        ref_steps = max(steps_list)
+        rows, feats = [], {}
+        for steps in steps_list:
+            res = run(args.target_sampler, steps, target_cfg, args.target_n, seeds, keep_images=True)
+            feats[steps] = {s: det.features(x) for s, x in res.pop("_images").items()}
+            rows.append(row_from(res, "targets", args.target_sampler, steps, target_cfg, command, commit))
+        if len(seeds) > 1:
+            for row, steps in zip(rows, steps_list):
+                vals = []
+                for i, s in enumerate(seeds):
+                    a = FeatureStats.from_features(feats[steps][s])
+                    r = FeatureStats.from_features(feats[ref_steps][seeds[(i + 1) % len(seeds)]])
+                    vals.append(frechet_distance(a.mu, a.sigma, r.mu, r.sigma))
+                row["fid_teacher_relative"] = _round(float(sum(vals) / len(vals)))
+                row["fid_teacher_relative_std"] = _round(float(np.std(vals, ddof=1)))
+                row["fid_teacher_relative_reference"] = (f"{args.target_sampler}-{ref_steps} cfg {target_cfg:g} "
+                                                         "images of the next evaluation seed")
+        res = run(args.target_sampler, 8, 1.0, args.target_n, seeds)
+        rows.append(row_from(res, "targets", args.target_sampler, 8, 1.0, command, commit))
         merge_rows(out, rows)
     if "floors" in args.parts:
         t = time.perf_counter()
