@@ -99,7 +99,7 @@ class BOOT(Distiller):
         w = (1 / delta**2).clamp(max=c.max_delta_weight)
         l_bs = (w * ((y_s - target) ** 2).flatten(1).mean(1)).mean()
         loss = l_bs
-        logs = {"bootstrap": float(l_bs.detach())}
+        logs = {"bootstrap": l_bs.detach()}
         if c.boundary_weight > 0:
             tt = torch.full((n,), self.T, device=device)
             y_T = self.student(eps, tt, cond)
@@ -108,6 +108,6 @@ class BOOT(Distiller):
                 f_T = teacher.denoise(teacher.noise_to_input(eps, sig_T), sig_T, cond, c.guidance_scale)
             l_bc = ((y_T - f_T) ** 2).flatten(1).mean(1).mean()
             loss = loss + c.boundary_weight * l_bc
-            logs["boundary"] = float(l_bc.detach())
+            logs["boundary"] = l_bc.detach()
         return LossOutput(loss, logs)
 

@@ -624,7 +624,7 @@ class DistilledDecoding(Distiller):
         loss = (ce * target).sum() / target.sum().clamp_min(1.0)
         with torch.no_grad():
             acc = ((logits.argmax(-1) == tokens).float() * target).sum() / target.sum().clamp_min(1.0)
-        return LossOutput(loss, {"ce": float(loss.detach()), "token_acc": float(acc)})
+        return LossOutput(loss, {"ce": loss.detach(), "token_acc": acc.detach()})
 
     def generator_for_export(self) -> DDStudent:
         return self.student

@@ -172,7 +172,7 @@ class DMD2(Distiller):
         cond = self.teacher.encode_conditions(p["raw_cond"][idx]) if "raw_cond" in p else None
         x = self.generator(p["noise"][idx].to(self.teacher.sigmas.device), cond)
         loss = torch.nn.functional.mse_loss(x, p["x0"][idx].to(x.device))
-        return LossOutput(loss, {"regression": float(loss.detach())})
+        return LossOutput(loss, {"regression": loss.detach()})
 
     def _generator_loss(self, batch, step, cache) -> LossOutput:
         c = self.config
@@ -186,7 +186,7 @@ class DMD2(Distiller):
             fake = self.critic.denoise(xt, sigma, cond, guidance_scale=1.0)
             grad = (fake - real) / per_sample_mean_abs(x.detach() - real).clamp_min(1e-8)
         dm = self.surrogate_loss(x, grad)
-        logs = {"dm": float(dm.detach()), "dm_grad_norm": float(grad.flatten(1).norm(dim=1).mean())}
+        logs = {"dm": dm.detach(), "dm_grad_norm": grad.flatten(1).norm(dim=1).mean().detach()}
         loss = dm
         if self.use_gan:
             gidx = sample_timestep_indices(n, 0, frac_to_index(self.teacher, c.gan_max_step_frac), device=x.device)
@@ -194,7 +194,7 @@ class DMD2(Distiller):
             feat = self.features(self.critic, self.critic.add_noise(x, gs), gs, cond)
             g_gan = nonsaturating_g_loss(self.critic_group["gan_head"](feat))
             loss = loss + c.gan_weight_g * g_gan
-            logs["gan_g"] = float(g_gan.detach())
+            logs["gan_g"] = g_gan.detach()
         return LossOutput(loss, logs)
 
     def _critic_loss(self, batch, step, cache) -> LossOutput:
@@ -203,7 +203,7 @@ class DMD2(Distiller):
         n = x.shape[0]
         idx = sample_timestep_indices(n, 0, self.teacher.num_train_timesteps - 1, device=x.device)
         fake_loss = critic_denoising_loss(self.critic, x, cond, idx, self.weighting)
-        logs = {"critic_dsm": float(fake_loss.detach())}
+        logs = {"critic_dsm": fake_loss.detach()}
         loss = fake_loss
         if self.use_gan:
             real = batch.get("real")
@@ -224,7 +224,7 @@ class DMD2(Distiller):
             lr = head(self.features(self.critic, self.critic.add_noise(real, s_r), s_r, real_cond))
             d = nonsaturating_d_loss(lr, lf)
             loss = loss + c.gan_weight_d * d
-            logs.update(gan_d=float(d.detach()), d_real=float(lr.mean().detach()), d_fake=float(lf.mean().detach()))
+            logs.update(gan_d=d.detach(), d_real=lr.mean().detach(), d_fake=lf.mean().detach())
         return LossOutput(loss, logs)
 
 

@@ -324,7 +324,7 @@ class MSD(Distiller):
         pred = student.denoise_raw(xt, sigma, cond)
         w = denoising_weight(sigma, "edm")
         loss = (append_dims(w, 1) * ((pred - target) ** 2).flatten(1).mean(1)).mean()
-        return LossOutput(loss, {f"s{k}.tsm": float(loss.detach())})
+        return LossOutput(loss, {f"s{k}.tsm": loss.detach()})
 
     def state_dict_extra(self) -> dict:
         return {"tsm_done": list(self._tsm_done), "route": self.route}

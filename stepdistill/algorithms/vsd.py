@@ -128,7 +128,7 @@ class VSD(Distiller):
                 w = append_dims(sigma / (1 + sigma**2), x.ndim)
                 grad = w * (fake - real)
             loss = self.surrogate_loss(x, grad)
-            return LossOutput(loss, {"vsd": float(loss.detach()), "vsd_grad_norm": float(grad.flatten(1).norm(dim=1).mean())})
+            return LossOutput(loss, {"vsd": loss.detach(), "vsd_grad_norm": grad.flatten(1).norm(dim=1).mean().detach()})
         x, cond = self._sample(batch, cache, grad=False)
         n = x.shape[0]
         if cond is not None and self.config.cond_dropout > 0:
@@ -138,7 +138,7 @@ class VSD(Distiller):
         idx = sample_timestep_indices(n, 0, self.teacher.num_train_timesteps - 1, device=x.device)
         sigma = self.teacher.sigmas[idx]
         loss = critic_denoising_loss(self.critic, x, cond, idx, self.weighting, extra_weight=1 / (1 + sigma**2))
-        return LossOutput(loss, {"critic_dsm": float(loss.detach())})
+        return LossOutput(loss, {"critic_dsm": loss.detach()})
 
 
 def _where_cond(mask, a: dict, b: dict) -> dict:
