@@ -653,10 +653,20 @@ def test_mixed_precision_null_leaves_the_choice_to_the_launcher(tmp_path, monkey
     assert result["accelerator"].mixed_precision == "no"
 
 
+_RING: list = []
+
+
+def _ring() -> GaussianMixtureTeacher:
+    """One shared ring teacher: its MLP copy (the students' initialisation) is fitted once."""
+    if not _RING:
+        _RING.append(GaussianMixtureTeacher.ring())
+    return _RING[0]
+
+
 def _analytic_distiller(name, tmp_path):
     from stepdistill.algorithms import build
 
-    teacher = GaussianMixtureTeacher.ring()
+    teacher = _ring()
     fast = {"regression_steps": 2, "regression_pairs": 16, "critic_warmup_steps": 1}
     params = {
         "dmd2": dict(fast),
@@ -707,8 +717,7 @@ def test_disback_side_effects_happen_in_on_step_begin_and_files_on_main_only(tmp
 def test_msd_loads_the_tsm_critic_in_on_step_begin_not_in_phase(tmp_path):
     from stepdistill.algorithms import build
 
-    ring = GaussianMixtureTeacher.ring()
-    d = build("msd", ring, {"num_students": 2, "width_multiplier": 0.5, "tsm_steps": 1,
+    d = build("msd", _ring(), {"num_students": 2, "width_multiplier": 0.5, "tsm_steps": 1,
                             "base_params": {"regression_steps": 0}})
     s0 = d.students[0]
     with torch.no_grad():
