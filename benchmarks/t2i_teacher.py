@@ -81,6 +81,7 @@ def row_from(res: dict, part: str, sampler: str, steps: int, cfg: float, command
            **{k: _round(res[k]) for k in keep if k in res},
            "fid_detector": res["fid_detector"], "fid_detector_id": res["fid_detector_id"], "metric": res["metric"],
            "n_samples": res["n"], "eval_seeds": res["seeds"], "scheduler": res["scheduler"],
+           "timestep_spacing": res.get("timestep_spacing"),
            "fid_per_seed": [_round(r["fid"]) for r in res["per_seed"]],
            "reference": res.get("reference"), "commit": commit, "command": command}
     row.update(extra or {})
@@ -90,7 +91,7 @@ def row_from(res: dict, part: str, sampler: str, steps: int, cfg: float, command
 def merge_rows(path: Path, rows: list[dict]) -> None:
     def key(r):
         return (r.get("part"), r.get("sampler"), r.get("steps"), r.get("cfg"), r.get("n_samples"),
-                r.get("reference_kind"))
+                r.get("timestep_spacing"))
 
     old = json.loads(path.read_text()) if path.is_file() else []
     new_keys = {key(r) for r in rows}
@@ -152,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--target-steps", default="4,8,50")
     ap.add_argument("--target-cfg", type=float, default=None,
                     help="CFG of the target rows (default: the grid's best prompt accuracy at 8 steps, else 4.5)")
+    ap.add_argument("--timestep-spacing", default=None, choices=["leading", "trailing", "linspace"],
+                    help="override the folder's timestep spacing (SD 1.5: leading, whose 1-step DDIM starts at t=1)")
     ap.add_argument("--batch-size", type=int, default=250)
     ap.add_argument("--output", default=str(RESULTS))
     args = ap.parse_args(argv)
@@ -169,14 +172,15 @@ def main(argv: list[str] | None = None) -> int:
     from stepdistill.eval.generate import load_pipeline
 
     pipe = load_pipeline(folder)
-    base_sched = pipe.scheduler.config
+    base_sched = pipe.scheduler  # each run builds its stock scheduler from this one's config
     samplers = [s for s in args.samplers.split(",") if s]
+    sched_kw = {"timestep_spacing": args.timestep_spacing} if args.timestep_spacing else {}
 
     def run(sampler, steps, cfg, n, seeds, **kw):
-        pipe.scheduler = type(pipe.scheduler).from_config(base_sched)  # reset before set_scheduler
+        pipe.scheduler = base_sched
         t = time.perf_counter()
         res = evaluate_t2i(pipe, None, num_images=n, seeds=seeds, num_inference_steps=steps, guidance_scale=cfg,
-                           scheduler=sampler, batch_size=args.batch_size, **kw)
+                           scheduler=sampler, batch_size=args.batch_size, scheduler_kwargs=sched_kw, **kw)
         print(f"{sampler:6s} steps {steps:2d} cfg {cfg:3g} N {n} x{len(seeds)}: FID {res['fid']:.2f}+-{res['fid_std']:.2f} "
               f"CLIP {res.get('clip_score', float('nan')):.2f} acc {res['prompt_accuracy']:.3f} "
               f"{res['images_per_s']:.1f} img/s ({time.perf_counter() - t:.0f}s)", file=sys.stderr, flush=True)

@@ -326,6 +326,7 @@ def evaluate_t2i(
         "num_inference_steps": num_inference_steps,
         "guidance_scale": guidance_scale,
         "scheduler": sched_name,
+        "timestep_spacing": dict(getattr(pipe.scheduler, "config", {}) or {}).get("timestep_spacing"),
         "fid_detector": det.name,
         "fid_detector_id": det.id,
         "clip_model": clip_id,
