@@ -97,26 +97,11 @@ class _StudentTeacher(DelegatingTeacher):
 
 
 def smaller_copy(teacher: DiffusionTeacher, width: float) -> DiffusionTeacher:
-    """A freshly initialised student network with channel counts scaled by ``width``."""
+    """A freshly initialised student network with channel counts scaled by ``width`` (the teacher
+    adapter's ``smaller_copy``; ``width == 1``: its ``trainable_copy``)."""
     if width == 1.0:
         return teacher.trainable_copy()
-    model = getattr(teacher, "model", None)
-    if model is None:
-        from ..teachers.analytic import MLPDenoiser
-
-        like = teacher.trainable_copy()
-        hidden = max(8, int(like.inp.out_features * width))
-        net = MLPDenoiser(teacher if hasattr(teacher, "means") else like, hidden=hidden)
-        return net
-    cfg = dict(model.config)
-    if "block_out_channels" not in cfg:
-        raise ValueError(f"width_multiplier < 1 needs a UNet with block_out_channels, got {type(model).__name__}")
-    groups = cfg.get("norm_num_groups", 32) or 32
-    cfg["block_out_channels"] = [max(groups, int(round(c * width / groups)) * groups) for c in cfg["block_out_channels"]]
-    small = type(model).from_config(cfg)
-    new = teacher.trainable_copy()  # same adapter (schedule, conditions), then swap the network
-    new.model = small.float().train()
-    return new
+    return teacher.smaller_copy(width)
 
 
 @register

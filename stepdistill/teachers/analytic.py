@@ -227,6 +227,12 @@ class GaussianMixtureTeacher(DiffusionTeacher):
         return net
 
 
+    def smaller_copy(self, width: float) -> MLPDenoiser:
+        """A freshly initialised MLP denoiser with the hidden width of :meth:`trainable_copy`'s
+        scaled by ``width`` (at least 8): MSD's smaller students."""
+        return _smaller_mlp(self, self.trainable_copy(), width)
+
+
 class MLPDenoiser(DiffusionTeacher):
     """Small EDM-preconditioned MLP denoiser for vector / tiny image data.
 
@@ -314,6 +320,11 @@ class MLPDenoiser(DiffusionTeacher):
         return self
 
 
+def _smaller_mlp(like, full: MLPDenoiser, width: float) -> MLPDenoiser:
+    """A fresh MLPDenoiser shaped like ``like`` with ``full``'s hidden width scaled by ``width``."""
+    return MLPDenoiser(like, hidden=max(8, int(full.inp.out_features * width)))
+
+
 _LEARNED_SCORES: dict = {}
 
 
@@ -379,6 +390,11 @@ class LearnedScoreTeacher(DiffusionTeacher):
         with torch.no_grad():
             gap = self.denoise_raw(x, s, None) - self.mixture.denoise_raw(x, s, None)
         return float(gap.pow(2).mean().sqrt())
+
+    def smaller_copy(self, width: float) -> MLPDenoiser:
+        """A freshly initialised MLP denoiser, the fitted network's hidden width scaled by ``width``."""
+        full = self.trainable_copy()
+        return _smaller_mlp(full, full, width)
 
     def trainable_copy(self) -> MLPDenoiser:
         import copy

@@ -391,6 +391,21 @@ class DiffusersTeacher(DiffusionTeacher):
         # buffers (sigmas, alphas_cumprod) were built on the CPU: follow the teacher's device
         return new.to(self.sigmas.device)
 
+    def smaller_copy(self, width: float) -> DiffusersTeacher:
+        """A freshly initialised trainable copy whose UNet has its channel counts scaled by ``width``
+        (rounded to multiples of the norm groups): MSD's smaller students.  Same adapter (schedule,
+        conditions, shared encoders) as :meth:`trainable_copy`; networks without
+        ``block_out_channels`` are refused."""
+        cfg = dict(self.model.config)
+        if "block_out_channels" not in cfg:
+            raise ValueError(f"width_multiplier < 1 needs a UNet with block_out_channels, got {type(self.model).__name__}")
+        groups = cfg.get("norm_num_groups", 32) or 32
+        cfg["block_out_channels"] = [max(groups, int(round(c * width / groups)) * groups) for c in cfg["block_out_channels"]]
+        small = type(self.model).from_config(cfg)
+        new = self.trainable_copy()  # same adapter, then swap the network
+        new.model = small.float().train()
+        return new
+
     def _copy_kwargs(self) -> dict:
         """Constructor arguments of a copy of this adapter around another network (encoders and
         VAE excluded: :meth:`_shared_parts` lends them)."""
