@@ -1,8 +1,10 @@
 """Exponential moving average of a module's trainable parameters.
 
 ``shadow <- d * shadow + (1 - d) * param`` after each optimizer step of the tracked group, with
-the warm-up diffusers' ``EMAModel`` uses by default: ``d_n = min(decay, (1 + n) / (10 + n))``
-where ``n`` counts previous updates (so early on the average follows the model closely).
+the warm-up ``d_n = min(decay, (1 + n) / (10 + n))`` where ``n`` counts previous updates (so early
+on the average follows the model closely).  From the second update on this is the warm-up
+diffusers' ``EMAModel`` uses by default; the first update differs: here ``d_0 = 0.1``, while
+diffusers' first ``step()`` uses decay 0 (a plain copy).
 Buffers are not averaged; :meth:`EMA.state_dict_for` takes them from the live module.
 """
 
