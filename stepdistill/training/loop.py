@@ -286,23 +286,25 @@ class Trainer:
         self.saved_at, self.sampled_at, self.evaluated_at = (0 if ckpt is not None else -1), -1, -1
         if ckpt is None:
             return
+        from accelerate.logging import get_logger
+
+        log = get_logger("stepdistill.training")  # warnings once, from the main process
         state, extra = load_checkpoint(ckpt, modules=self.groups, optimizers=self.optimizers,
                                        schedulers=self.schedulers, scalers=self.scalers, ema=self._ema_pair())
         self.start = self.saved_at = int(state["step"])
         if self.ema is not None and "ema" not in state:  # EMA newly enabled: start from resumed weights
             self.ema = EMA(self.groups[self.ema_group], cfg.ema_decay)
         if state.get("config_hash") not in (None, self.chash):
-            logger.warning("resuming %s with a different configuration (hash %s != %s)", ckpt,
-                           state.get("config_hash"), self.chash)
+            log.warning("resuming %s with a different configuration (hash %s != %s)", ckpt,
+                        state.get("config_hash"), self.chash)
         if state.get("world_size") not in (None, self.world):
-            logger.warning("resuming %s with %d processes (saved with %s): not bit-exact", ckpt, self.world,
-                           state["world_size"])
+            log.warning("resuming %s with %d processes (saved with %s): not bit-exact", ckpt, self.world,
+                        state["world_size"])
         if extra is not None:
             self.task.load_state_dict_extra(extra)
         if self.start > cfg.max_steps:
-            logger.warning("checkpoint %s is at step %d, beyond train.max_steps=%d", ckpt, self.start, cfg.max_steps)
-        if self.acc.is_main_process:
-            logger.info("resumed from %s (step %d)", ckpt, self.start)
+            log.warning("checkpoint %s is at step %d, beyond train.max_steps=%d", ckpt, self.start, cfg.max_steps)
+        log.info("resumed from %s (step %d)", ckpt, self.start)
 
     def _config_data(self) -> dict:
         return self.run_cfg if self.run_cfg is not None else {"train": to_dict(self.cfg)}
