@@ -118,6 +118,18 @@ class Generator(nn.Module):
         for i in range(k):
             x0 = self.denoise_step(x, i, cond)
             if i + 1 < k:
-                noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-                x = self.renoise(x0, i + 1, noise)
+                x = self.renoise(x0, i + 1, self.step_noise(x0, generator))
         return x0
+
+    def step_noise(self, x0: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Fresh noise for re-noising ``x0``, drawn in the layout the stock pipeline's scheduler draws
+        it: ``randn(x0.shape)`` (``LCMScheduler.step``, SD3's stochastic flow-match step), except for
+        teachers whose network sees packed tokens (FLUX: ``pack`` / ``unpack``), where the pipeline's
+        scheduler draws ``randn`` of the packed shape, unpacked here."""
+        pack, unpack = getattr(self.denoiser, "pack", None), getattr(self.denoiser, "unpack", None)
+        if callable(pack) and callable(unpack) and x0.ndim == 4:
+            h, w = x0.shape[-2:]
+            shape = pack(x0[:1]).shape[1:]
+            noise = torch.randn((x0.shape[0], *shape), generator=generator, device=x0.device, dtype=x0.dtype)
+            return unpack(noise, h, w)
+        return torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)

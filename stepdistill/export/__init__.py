@@ -74,7 +74,9 @@ from pathlib import Path
 
 from .autoregressive import export_ar_teacher_pipeline, export_dd_pipeline
 from .class_conditional import (
+    DIT_KINDS,
     export_consistency_student,
+    export_dit_student,
     export_one_step_student,
     export_teacher_pipeline,
     stock_pipeline_reproduces,
@@ -90,7 +92,8 @@ from .common import (
     unwrap,
 )
 from .multi_student import export_multi_student
-from .text_to_image import export_sd_student
+from .lora import check_lora_keys, fuse_lora_into_pipeline, load_lora
+from .text_to_image import LORA_MODES, export_sd_student, export_text_student, text_family
 
 __all__ = [
     "ExportError",
@@ -104,6 +107,10 @@ __all__ = [
     "METADATA_FILE",
     "LCM_PREDICTION_TYPES",
     "SUPPORTED",
+    "check_lora_keys",
+    "load_lora",
+    "fuse_lora_into_pipeline",
+    "export_sd_student",
 ]
 
 
@@ -120,6 +127,7 @@ def export_generator(
     overwrite: bool = False,
     teacher_name: str | None = None,
     stock_pipeline: bool = True,
+    lora: str = "auto",
 ) -> Path:
     """Write ``generator`` (a :class:`stepdistill.students.Generator`) as a diffusers folder.
 
@@ -127,28 +135,42 @@ def export_generator(
         generator: the trained student; its network is ``generator.denoiser.model``, its
             training-time timesteps ``generator.timesteps`` and its parametrisation
             ``generator.denoiser.prediction_type``.
-        teacher: the teacher it was distilled from (gives text encoder / tokenizer / VAE and the
+        teacher: the teacher it was distilled from (gives text encoders / tokenizers / VAE and the
             name in the model card).
         output_dir: destination folder (written atomically).
         algorithm, paper, metrics, extra: recorded in the model card and ``stepdistill.json``.
         use_ema_state: EMA weights to export instead of the live ones: a state dict of the network
             (keys may carry a ``denoiser.model.`` prefix) or a diffusers ``EMAModel.state_dict()``.
         overwrite: replace a non-empty existing ``output_dir``.
-        teacher_name: how to name the teacher in the card (default: its ``_name_or_path``).
+        teacher_name: how to name the teacher in the card (default: its ``_name_or_path``); a LoRA
+            folder's snippet loads the teacher pipeline from it.
         stock_pipeline: write a stock ``ConsistencyModelPipeline`` + ``LCMScheduler`` folder (no
             custom code) for class-conditional pixel ``UNet2DModel`` students whose timesteps are
             LCM's default schedule (it reproduces them exactly); ``False``: always the package's
             self-contained ``OneStepPipeline`` for ``UNet2DModel`` students.
+        lora: LoRA students (peft adapters) of text-to-image teachers: ``"auto"`` / ``"adapter"`` write
+            LoRA weights for the stock teacher pipeline (``pipe.load_lora_weights(folder)``, with the
+            scheduler to swap in), ``"fused"`` the full stock pipeline with the adapter folded in.
+            Other students' adapters are always fused (their pipelines have no LoRA loader).
 
     Returns the folder.  Raises ``NotImplementedError`` for students that cannot be exported
-    (flow-matching students, networks other than UNet2DModel / UNet2DConditionModel, SDXL).
+    (see :data:`SUPPORTED`).
     """
     denoiser = check_student(generator)
     out = Path(output_dir).expanduser().absolute()
+    if lora not in LORA_MODES:
+        raise ValueError(f"lora must be one of {LORA_MODES}, got {lora!r}")
     kwargs = dict(algorithm=algorithm, paper=paper, metrics=metrics, extra=extra, use_ema_state=use_ema_state,
-                  overwrite=overwrite, teacher_name=teacher_name)
-    if type(unwrap(denoiser.model)).__name__ == "UNet2DConditionModel":
-        return export_sd_student(generator, teacher, out, **kwargs)
+                  overwrite=overwrite)
+    if text_family(denoiser.model) is not None:
+        return export_text_student(generator, teacher, out, teacher_name_=teacher_name, lora=lora, **kwargs)
+    if lora == "adapter":
+        raise ValueError(
+            f"lora='adapter': a {type(unwrap(denoiser.model)).__name__} student's pipeline has no LoRA loader; "
+            "use lora='auto' or 'fused' (the adapter is folded into the weights)"
+        )
+    if type(unwrap(denoiser.model)).__name__ in DIT_KINDS:
+        return export_dit_student(generator, teacher, out, teacher_name=teacher_name, **kwargs)
     if stock_pipeline and stock_pipeline_reproduces(generator, teacher):
-        return export_consistency_student(generator, teacher, out, **kwargs)
-    return export_one_step_student(generator, teacher, out, **kwargs)
+        return export_consistency_student(generator, teacher, out, teacher_name=teacher_name, **kwargs)
+    return export_one_step_student(generator, teacher, out, teacher_name=teacher_name, **kwargs)

@@ -143,6 +143,88 @@ def export_one_step_student(generator, teacher, out: Path, *, algorithm: str, pa
     return out
 
 
+DIT_KINDS = ("Transformer2DModel", "DiTTransformer2DModel")
+
+
+def dit_pipeline_problem(generator, teacher) -> str | None:
+    """Why the stock ``DiTPipeline`` + ``LCMScheduler`` would not run exactly the training-time
+    generator of a DiT student, or None when it does.  ``DiTPipeline`` draws its latents itself
+    (unit noise: the generator's ``z``), splits a learned-sigma output, runs without CFG at
+    ``guidance_scale <= 1`` (with CFG it would use the hard-coded null class 1000), always decodes
+    with its VAE and calls ``scheduler.set_timesteps(num_inference_steps)`` only, so LCM's default
+    schedule must be the student's (:func:`~stepdistill.export.common.lcm_original_steps`)."""
+    from .common import lcm_default_reproduces
+
+    den = generator.denoiser
+    net = unwrap(den.model)
+    cfg = net.config
+    if getattr(den, "num_classes", None) is None:
+        return "DiTPipeline is class-conditional; this DiT student has no classes"
+    if frozen_part(teacher, generator, "vae") is None:
+        return "DiTPipeline always decodes with a VAE; the teacher has none (a pixel-space DiT)"
+    size = cfg.get("sample_size")
+    if not isinstance(size, int) or tuple(den.sample_shape) != (cfg.in_channels, size, size):
+        return f"DiTPipeline samples (in_channels, sample_size, sample_size) latents; the student's are {den.sample_shape}"
+    if cfg.get("out_channels") not in (cfg.in_channels, 2 * cfg.in_channels):
+        return f"DiTPipeline needs out_channels = in_channels or 2 x in_channels, got {cfg.get('out_channels')}"
+    timesteps = training_timesteps(generator)
+    scheduler = lcm_scheduler(den.scheduler_config, den.prediction_type, timesteps, search_default=True)
+    if not lcm_default_reproduces(scheduler, timesteps):
+        return (
+            f"DiTPipeline passes only num_inference_steps to the scheduler, and no LCMScheduler "
+            f"original_inference_steps gives the student's timesteps {timesteps} as its default "
+            f"{len(timesteps)}-step schedule (reachable: first timestep orig * (T // orig) - 1 >= T/2, "
+            "e.g. [999], [899], [999, 749, 499, 249])"
+        )
+    return None
+
+
+def export_dit_student(generator, teacher, out: Path, *, algorithm: str, paper: str = "", metrics=None,
+                       extra=None, use_ema_state=None, overwrite: bool = False, teacher_name=None) -> Path:
+    """Write a class-conditional DiT student as a stock ``DiTPipeline`` + ``LCMScheduler`` folder
+    (no custom code); ``NotImplementedError`` naming the reason where the stock pipeline would not
+    reproduce it (:func:`dit_pipeline_problem`)."""
+    from diffusers import DiTPipeline
+
+    problem = dit_pipeline_problem(generator, teacher)
+    if problem is not None:
+        raise NotImplementedError(f"cannot export this DiT student: {problem}")
+    den = generator.denoiser
+    num_classes = int(den.num_classes)
+    timesteps = training_timesteps(generator)
+    labels = list(range(min(num_classes, 4)))
+    snippet = (
+        "import torch\n"
+        "from diffusers import DiTPipeline\n\n"
+        f'pipe = DiTPipeline.from_pretrained("{out}")\n'
+        "torch.manual_seed(0)  # multi-step: LCMScheduler.step re-noises from the global RNG\n"
+        f"images = pipe(class_labels={labels}, guidance_scale=1.0, num_inference_steps={len(timesteps)}, "
+        "generator=torch.Generator().manual_seed(0)).images"
+    )
+    scheduler = lcm_scheduler(den.scheduler_config, den.prediction_type, timesteps, search_default=True)
+    scheduler.register_to_config(**{SCHEDULER_NUM_CLASSES_KEY: num_classes})
+    note = (
+        "This is a stock `DiTPipeline` with an `LCMScheduler` whose default "
+        f"{len(timesteps)}-step schedule is the training-time timesteps `{timesteps}` "
+        f"(`original_inference_steps={scheduler.config.original_inference_steps}`). Pass `guidance_scale=1.0`: the "
+        "student runs without guidance, and DiTPipeline's guidance (its default 4.0) would use the hard-coded null "
+        f"class 1000, not this model's {num_classes}. Labels lie in 0..{num_classes - 1}. DiTPipeline draws the "
+        "latents from `generator` but calls `scheduler.step` without it, so multi-step samples need "
+        "`torch.manual_seed` as well."
+    )
+    meta = student_meta(generator, teacher, algorithm=algorithm, paper=paper, pipeline="DiTPipeline",
+                        name=teacher_name, extra=extra, metrics=metrics, snippet=snippet,
+                        ema=use_ema_state is not None)
+    meta["pipeline_call"] = {"guidance_scale": 1.0, "num_inference_steps": len(timesteps)}
+    card = student_card(meta, snippet, [note])
+    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+        pipe = DiTPipeline(transformer=student_network(generator, use_ema_state),
+                           vae=fp32(frozen_part(teacher, generator, "vae")), scheduler=scheduler)
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        write_metadata(tmp, meta, card)
+    return out
+
+
 def _teacher_scheduler(scheduler):
     import diffusers
 

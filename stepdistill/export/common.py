@@ -21,14 +21,18 @@ from torch import nn
 SCHEDULER_TIMESTEPS_KEY = "_stepdistill_timesteps"
 SCHEDULER_NUM_CLASSES_KEY = "_stepdistill_num_classes"  # stock class-conditional folders (no pipeline config)
 METADATA_FILE = "stepdistill.json"
+TEXT_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "StableDiffusion3Pipeline", "FluxPipeline")
 LCM_PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 EMA_PREFIXES = ("denoiser.model.", "model.", "module.", "generator.denoiser.model.")
 SUPPORTED = (
-    "export supports (a) UNet2DConditionModel students of Stable-Diffusion-layout teachers "
-    "(text_encoder + tokenizer + vae) -> stock StableDiffusionPipeline + LCMScheduler, and "
+    "export supports (a) text-to-image students as stock pipelines: UNet2DConditionModel of Stable-Diffusion-layout "
+    "teachers -> StableDiffusionPipeline, SDXL UNets -> StableDiffusionXLPipeline (both + LCMScheduler), "
+    "SD3Transformer2DModel -> StableDiffusion3Pipeline, FluxTransformer2DModel -> FluxPipeline (both + "
+    "FlowMatchEulerDiscreteScheduler), LoRA students also as LoRA weights for the stock teacher pipeline; "
     "(b) UNet2DModel students (pixel space, or latent space with the teacher's vae) -> stock "
     "ConsistencyModelPipeline + LCMScheduler where it reproduces the student, else OneStepPipeline; "
-    "prediction types epsilon / v_prediction / sample"
+    "(c) class-conditional DiT students with the teacher's vae -> stock DiTPipeline + LCMScheduler where LCM's "
+    "default schedule is the student's; prediction types epsilon / v_prediction / sample (flow: SD3 / FLUX only)"
 )
 
 
@@ -191,7 +195,12 @@ def student_network(generator, use_ema_state: dict | None) -> nn.Module:
 
 
 # -- students -----------------------------------------------------------------------------------
-def check_student(generator, kinds=("UNet2DConditionModel", "UNet2DModel"), who: str = "", why: str = SUPPORTED):
+STUDENT_KINDS = ("UNet2DConditionModel", "UNet2DModel", "SD3Transformer2DModel", "FluxTransformer2DModel",
+                 "Transformer2DModel", "DiTTransformer2DModel")
+FLOW_KINDS = ("SD3Transformer2DModel", "FluxTransformer2DModel")
+
+
+def check_student(generator, kinds=STUDENT_KINDS, who: str = "", why: str = SUPPORTED):
     """The denoiser of an exportable student (a diffusers network wrapped by ``DiffusersTeacher``
     with an LCM-compatible parametrisation); ``NotImplementedError`` otherwise.  ``who``: a prefix
     for the messages (``"student 2: "``)."""
@@ -206,14 +215,16 @@ def check_student(generator, kinds=("UNet2DConditionModel", "UNet2DModel"), who:
             f"network wrapped by stepdistill.teachers.diffusion.DiffusersTeacher; {SUPPORTED}"
         )
     prediction_type = denoiser.prediction_type
+    kind = type(unwrap(denoiser.model)).__name__
+    if prediction_type == "flow" and kind in FLOW_KINDS and kind in kinds:
+        return denoiser
     if prediction_type == "flow":
         raise NotImplementedError(
-            f"{who}flow-matching students cannot be exported yet: LCMScheduler (which reproduces the training-time "
-            f"generator) supports only {LCM_PREDICTION_TYPES}; {SUPPORTED}"
+            f"{who}flow-matching {kind} students cannot be exported: only SD3 / FLUX transformers have a stock "
+            f"flow-matching pipeline, and LCMScheduler supports only {LCM_PREDICTION_TYPES}; {SUPPORTED}"
         )
     if prediction_type not in LCM_PREDICTION_TYPES:
         raise NotImplementedError(f"{who}prediction_type {prediction_type!r} is not exportable; {SUPPORTED}")
-    kind = type(unwrap(denoiser.model)).__name__
     if kind not in kinds:
         raise NotImplementedError(f"{who}cannot export a {kind} student; {why}")
     if getattr(generator, "boundary", "lcm") != "lcm":
@@ -257,10 +268,34 @@ def teacher_name(teacher, generator, name: str | None, extra: dict | None) -> st
     return type(teacher).__name__ if teacher is not None else "unknown"
 
 
-def lcm_scheduler(scheduler_config: dict, prediction_type: str, timesteps: list[int]):
+def lcm_original_steps(scheduler, timesteps: list[int]) -> int | None:
+    """The ``original_inference_steps`` (searched from ``num_train_timesteps`` down) for which
+    ``scheduler.set_timesteps(len(timesteps))`` -- what a pipeline does with a plain
+    ``num_inference_steps=k`` -- chooses exactly ``timesteps``; None when no value does (e.g. a first
+    timestep below T/2 such as SDXL-DMD2's 399: LCM's schedules start at ``orig * (T // orig) - 1``)."""
+    n = int(scheduler.config.num_train_timesteps)
+    probe = type(scheduler).from_config(scheduler.config)
+    for orig in range(n, len(timesteps) - 1, -1):
+        if orig * (n // orig) - 1 != timesteps[0]:
+            continue
+        try:
+            probe.set_timesteps(len(timesteps), original_inference_steps=orig)
+        except ValueError:
+            continue
+        if [int(t) for t in probe.timesteps] == list(timesteps):
+            return orig
+    return None
+
+
+def lcm_scheduler(scheduler_config: dict, prediction_type: str, timesteps: list[int], search_default: bool = False):
     """An ``LCMScheduler`` on the teacher's noise schedule that reproduces the training-time
     generator: no clipping / thresholding, every integer timestep on its training grid, and the
-    training-time timesteps recorded as ``_stepdistill_timesteps``."""
+    training-time timesteps recorded as ``_stepdistill_timesteps``.
+
+    ``search_default``: set ``original_inference_steps`` to a value for which LCM's default schedule
+    for ``len(timesteps)`` steps *is* the training-time schedule (:func:`lcm_original_steps`), so a
+    pipeline call with only ``num_inference_steps`` reproduces the student; where none exists (or
+    without the search) it is ``num_train_timesteps`` and the call passes ``timesteps=``."""
     from diffusers import LCMScheduler
 
     # keep only LCMScheduler's own arguments: keys of other scheduler classes (DDPM's variance_type,
@@ -271,7 +306,57 @@ def lcm_scheduler(scheduler_config: dict, prediction_type: str, timesteps: list[
     sched = LCMScheduler.from_config(
         cfg, prediction_type=prediction_type, clip_sample=False, thresholding=False, original_inference_steps=n
     )
+    if search_default:
+        orig = lcm_original_steps(sched, list(timesteps))
+        if orig is not None and orig != n:
+            sched.register_to_config(original_inference_steps=orig)
     sched.register_to_config(**{SCHEDULER_TIMESTEPS_KEY: list(timesteps)})
+    return sched
+
+
+def lcm_default_reproduces(scheduler, timesteps: list[int]) -> bool:
+    """Whether ``scheduler.set_timesteps(len(timesteps))`` (a plain ``num_inference_steps`` call)
+    chooses exactly ``timesteps``."""
+    probe = type(scheduler).from_config(scheduler.config)
+    try:
+        probe.set_timesteps(len(timesteps))
+    except ValueError:
+        return False
+    return [int(t) for t in probe.timesteps] == list(timesteps)
+
+
+SCHEDULER_SIGMAS_KEY = "_stepdistill_sigmas"
+
+
+def flow_sigmas(generator) -> list[float]:
+    """The flow-matching times ``t = sigma / (1 + sigma)`` of the generator's steps, computed in
+    float32 exactly as the training-time generator computes them (``t`` is both the network's
+    timestep / 1000 and the x0 conversion's factor; index T-1 is clamped at 1 - 1e-4 by the
+    teacher's grid, so a 1-step student runs at t = 0.9999 from pure noise)."""
+    den = generator.denoiser
+    out = []
+    for i in generator.timesteps:
+        s = den.sigmas[int(i)].detach().float().cpu()
+        out.append(float(s / (1 + s)))
+    return out
+
+
+def flow_scheduler(scheduler_config: dict, timesteps: list[float], sigmas: list[float]):
+    """A ``FlowMatchEulerDiscreteScheduler`` that runs the student's steps when the pipeline is called
+    with ``sigmas=<the student's t values>``: ``shift=1`` and no dynamic shifting (the given sigmas are
+    the student's already-shifted times and must pass through unchanged; FluxPipeline still computes
+    ``mu``, which a non-dynamic scheduler ignores), no Karras / exponential / beta conversion or
+    terminal stretch, and ``stochastic_sampling=True``: between steps ``x = (1 - t') x0 + t' eps``
+    with fresh noise, the training-time generator's re-noising (instead of Euler's reuse of the
+    predicted noise).  The student's times are recorded as ``_stepdistill_sigmas``."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    accepted = set(inspect.signature(FlowMatchEulerDiscreteScheduler.__init__).parameters) - {"self"}
+    cfg = {k: v for k, v in dict(scheduler_config).items() if k in accepted}
+    cfg.update(shift=1.0, use_dynamic_shifting=False, stochastic_sampling=True, use_karras_sigmas=False,
+               use_exponential_sigmas=False, use_beta_sigmas=False, shift_terminal=None, invert_sigmas=False)
+    sched = FlowMatchEulerDiscreteScheduler.from_config(cfg)
+    sched.register_to_config(**{SCHEDULER_TIMESTEPS_KEY: list(timesteps), SCHEDULER_SIGMAS_KEY: list(sigmas)})
     return sched
 
 
@@ -383,7 +468,7 @@ def student_card(meta: dict, snippet: str, notes: list[str] = ()) -> str:
         facts=facts,
         notes=[*notes, recorded],
         tags=["distillation", f"stepdistill-{meta['algorithm']}"],
-        pipeline_tag="text-to-image" if meta["pipeline"] == "StableDiffusionPipeline" else "unconditional-image-generation",
+        pipeline_tag="text-to-image" if meta["pipeline"] in TEXT_PIPELINES else "unconditional-image-generation",
     )
 
 

@@ -1,5 +1,36 @@
-"""Text-to-image students: a ``UNet2DConditionModel`` student of a Stable-Diffusion-layout teacher
-becomes a **stock** ``StableDiffusionPipeline`` with an ``LCMScheduler`` (no custom code)."""
+"""Text-to-image students as **stock** diffusers pipelines (no custom code):
+
+====================  =============================  ===================================================
+student network       pipeline                       scheduler
+====================  =============================  ===================================================
+UNet2DConditionModel  StableDiffusionPipeline        LCMScheduler (the teacher's VP schedule)
+SDXL UNet (text_time) StableDiffusionXLPipeline      LCMScheduler
+SD3Transformer2DModel StableDiffusion3Pipeline       FlowMatchEulerDiscreteScheduler (shift 1, stochastic)
+FluxTransformer2DModel FluxPipeline                  FlowMatchEulerDiscreteScheduler (shift 1, stochastic)
+====================  =============================  ===================================================
+
+VP students (SD, SDXL).  ``LCMScheduler`` runs exactly the training-time generator
+(:mod:`stepdistill.students`): the first step's network input is the pipeline's initial latents
+(``init_noise_sigma = 1``: unit noise, "pure-noise input" also at SDXL-DMD2's 399), the boundary
+scalings ``c_skip, c_out`` at the current timestep (``c_skip(399) ~ 1.6e-8``) are the generator's,
+and multi-step students re-noise with fresh noise from the pipeline's ``generator``.  The call
+passes ``timesteps=[...]``; when some ``original_inference_steps`` makes LCM's default schedule the
+student's (``[999, 749, 499, 249]``: the standard one; ``[899]``: 900), the scheduler config gets
+it, so a plain ``num_inference_steps=k`` call reproduces the student too.
+
+Flow students (SD3, FLUX.1).  The call passes ``sigmas=[t_1, ..., t_k]``, the student's flow times
+(``t = sigma / (1 + sigma)`` as the generator computes them; a 1-step student from pure noise runs
+at t = 0.9999, the end of the teacher's clamped grid), through a scheduler with ``shift=1.0`` and
+no dynamic shifting (so the sigmas are used as given: they are already the shifted training times)
+and ``stochastic_sampling=True`` (fresh-noise re-noising, as the generator does).  The stock SD3 and
+FLUX pipelines call ``scheduler.step`` without the ``generator``: multi-step samples are seeded by
+``torch.manual_seed``.  Guidance-distilled FLUX (``guidance_embeds``): the student was trained with
+guidance-embedding input 1.0 (``denoise_raw``), which the call passes as ``guidance_scale``.
+
+LoRA students (peft adapters, ``algorithm.params.generator_lora``) are written, by default, as LoRA
+weights for the stock teacher pipeline (``pipe.load_lora_weights(folder)``; the folder also holds the
+scheduler to swap in); ``lora="fused"`` writes the full pipeline with the adapter folded in instead.
+"""
 
 from __future__ import annotations
 
@@ -9,73 +40,244 @@ from .common import (
     SCHEDULER_TIMESTEPS_KEY,
     SUPPORTED,
     atomic_output_dir,
+    flow_scheduler,
+    flow_sigmas,
     fp32,
     frozen_part,
+    has_adapters,
+    lcm_default_reproduces,
     lcm_scheduler,
     student_card,
     student_meta,
     student_network,
+    teacher_name,
     training_timesteps,
     unwrap,
     update_model_index,
     write_metadata,
 )
 
+#: family -> (pipeline class, denoiser component, required parts, optional parts)
+FAMILIES = {
+    "sd": ("StableDiffusionPipeline", "unet", ("text_encoder", "tokenizer", "vae"), ()),
+    "sdxl": ("StableDiffusionXLPipeline", "unet",
+             ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "vae"), ()),
+    "sd3": ("StableDiffusion3Pipeline", "transformer",
+            ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "vae"), ("text_encoder_3", "tokenizer_3")),
+    "flux": ("FluxPipeline", "transformer", ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "vae"), ()),
+}
+LORA_MODES = ("auto", "adapter", "fused")
+PROMPT = "a photo of a cat"
 
-def _sd_parts(generator, teacher) -> dict:
-    parts = {name: frozen_part(teacher, generator, name) for name in ("text_encoder", "tokenizer", "vae")}
-    missing = [name for name, part in parts.items() if part is None]
+
+def text_family(net) -> str | None:
+    """sd | sdxl | sd3 | flux for a text-to-image student network, None for other networks."""
+    net = unwrap(net)
+    kind = type(net).__name__
+    if kind == "UNet2DConditionModel":
+        added = net.config.get("addition_embed_type")
+        if added is None:
+            return "sd"
+        if added == "text_time":
+            return "sdxl"
+        raise NotImplementedError(
+            f"UNet2DConditionModel students with addition_embed_type={added!r} are not exportable; {SUPPORTED}"
+        )
+    return {"SD3Transformer2DModel": "sd3", "FluxTransformer2DModel": "flux"}.get(kind)
+
+
+def _parts(generator, teacher, family: str) -> dict:
+    pipeline, _, required, optional = FAMILIES[family]
+    parts = {name: frozen_part(teacher, generator, name) for name in (*required, *optional)}
+    missing = [name for name in required if parts[name] is None]
     if missing:
         raise NotImplementedError(
-            f"a UNet2DConditionModel student is exported as a StableDiffusionPipeline, which needs the "
-            f"teacher's text_encoder, tokenizer and vae; missing: {missing}. {SUPPORTED}"
-        )
-    net = unwrap(generator.denoiser.model)
-    if net.config.get("addition_embed_type") is not None:
-        raise NotImplementedError(
-            f"UNet2DConditionModel students with addition_embed_type={net.config.addition_embed_type!r} "
-            f"(SDXL-style) are not exportable yet; {SUPPORTED}"
+            f"a {family.upper()} student is exported as a {pipeline}, which needs the teacher's {', '.join(required)}; "
+            f"missing: {missing}. {SUPPORTED}"
         )
     return parts
 
 
-def export_sd_student(generator, teacher, out: Path, *, algorithm: str, paper: str = "", metrics=None,
-                      extra=None, use_ema_state=None, overwrite: bool = False, teacher_name=None) -> Path:
-    """Write a ``UNet2DConditionModel`` student as a stock ``StableDiffusionPipeline`` folder (see
-    :func:`stepdistill.export.export_generator`)."""
-    from diffusers import StableDiffusionPipeline
+def _vae_scale(vae) -> int:
+    return 2 ** (len(vae.config.block_out_channels) - 1)
 
-    parts = _sd_parts(generator, teacher)
+
+def pipeline_call(generator, teacher, family: str, parts: dict, scheduler) -> dict:
+    """Keyword arguments of the stock pipeline's ``__call__`` (besides the prompt) that run the
+    training-time generator."""
+    den = generator.denoiser
     timesteps = training_timesteps(generator)
-    t_list = ", ".join(str(t) for t in timesteps)
-    snippet = (
-        "from diffusers import StableDiffusionPipeline\n\n"
-        f'pipe = StableDiffusionPipeline.from_pretrained("{out}")\n'
-        f'image = pipe("a photo of a cat", num_inference_steps={len(timesteps)}, timesteps=[{t_list}], '
-        "guidance_scale=0.0).images[0]"
-    )
-    note = (
-        "This is a stock `StableDiffusionPipeline` with an `LCMScheduler`; keep `guidance_scale=0.0` "
-        "(the student runs without classifier-free guidance) and pass the training-time `timesteps`. "
-        "LCMScheduler logs a harmless warning when the first timestep is not 999."
-    )
-    meta = student_meta(generator, teacher, algorithm=algorithm, paper=paper, pipeline="StableDiffusionPipeline",
-                        name=teacher_name, extra=extra, metrics=metrics, snippet=snippet,
-                        ema=use_ema_state is not None)
-    card = student_card(meta, snippet, [note])
-    denoiser = generator.denoiser
-    with atomic_output_dir(out, overwrite=overwrite) as tmp:
-        pipe = StableDiffusionPipeline(
-            vae=fp32(parts["vae"]),
-            text_encoder=fp32(parts["text_encoder"]),
-            tokenizer=parts["tokenizer"],
-            unet=student_network(generator, use_ema_state),
-            scheduler=lcm_scheduler(denoiser.scheduler_config, denoiser.prediction_type, timesteps),
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
+    call: dict = {"num_inference_steps": len(timesteps)}
+    _, h, w = den.sample_shape
+    scale = _vae_scale(parts["vae"])
+    if family in ("sd", "sdxl"):
+        call["timesteps"] = timesteps
+        call["guidance_scale"] = 0.0
+        net = unwrap(den.model)
+        size = net.config.sample_size
+        default = (size, size) if isinstance(size, int) else tuple(size)
+        if (h, w) != default:
+            call.update(height=h * scale, width=w * scale)
+        if family == "sdxl":
+            pixels = (h * scale, w * scale)
+            for key, default_value in (("original_size", pixels), ("crops_coords_top_left", (0, 0)),
+                                       ("target_size", pixels)):
+                value = tuple(getattr(den, key, default_value))
+                if value != tuple(default_value):
+                    call[key] = list(value)
+        return call
+    call["sigmas"] = flow_sigmas(generator)
+    call["height"], call["width"] = h * scale, w * scale
+    if family == "sd3":
+        call["guidance_scale"] = 0.0
+    else:  # FLUX: guidance-distilled students were trained with guidance input 1 (denoise_raw)
+        call["guidance_scale"] = 1.0
+    call["max_sequence_length"] = int(getattr(den, "max_sequence_length", 256 if family == "sd3" else 512))
+    return call
+
+
+def _fmt_call(call: dict) -> str:
+    return ", ".join(f"{k}={v!r}" for k, v in call.items())
+
+
+def _scheduler(generator, family: str):
+    den = generator.denoiser
+    timesteps = training_timesteps(generator)
+    if family in ("sd3", "flux"):
+        return flow_scheduler(den.scheduler_config, timesteps, flow_sigmas(generator))
+    return lcm_scheduler(den.scheduler_config, den.prediction_type, timesteps, search_default=True)
+
+
+def _notes(family: str, scheduler, timesteps, call, embedded_guidance: bool) -> list[str]:
+    sched = type(scheduler).__name__
+    if family in ("sd", "sdxl"):
+        notes = [
+            f"`{sched}` runs the training-time generator: keep `guidance_scale=0.0` (the student runs without "
+            "classifier-free guidance) and pass the training-time `timesteps`."
+        ]
+        if lcm_default_reproduces(scheduler, timesteps):
+            notes.append(f"`num_inference_steps={len(timesteps)}` alone chooses the same timesteps "
+                         f"(`original_inference_steps={scheduler.config.original_inference_steps}` in the scheduler config).")
+        elif timesteps[0] != scheduler.config.num_train_timesteps - 1:
+            notes.append("LCMScheduler logs a harmless warning when the first timestep is not the last training "
+                         "timestep; no `original_inference_steps` makes its default schedule start there, so "
+                         "`timesteps=` is needed.")
+        return notes
+    notes = [
+        f"`{sched}` with `shift=1.0`, no dynamic shifting and `stochastic_sampling=True`: the `sigmas` are the "
+        "student's flow times (already shifted) and pass through unchanged; between steps the sample is re-noised "
+        "with fresh noise, as at training time.",
+    ]
+    if len(timesteps) > 1:
+        notes.append("The stock pipeline draws the re-noising noise from torch's global RNG (its `scheduler.step` "
+                     "gets no `generator`): call `torch.manual_seed(...)` first for reproducible multi-step samples.")
+    if family == "flux":
+        notes.append("`guidance_scale=1.0` is the guidance-embedding input the student was trained with."
+                     if embedded_guidance else
+                     "This FLUX student has no guidance embedding (`guidance_scale` is unused; keep `true_cfg_scale=1`).")
+    return notes
+
+
+def export_text_student(generator, teacher, out: Path, *, algorithm: str, paper: str = "", metrics=None,
+                        extra=None, use_ema_state=None, overwrite: bool = False, teacher_name_: str | None = None,
+                        lora: str = "auto") -> Path:
+    """Write a text-to-image student (SD, SDXL, SD3, FLUX.1) as a stock pipeline folder, or, for a
+    LoRA student (``lora`` "auto"/"adapter"), as LoRA weights for the stock teacher pipeline."""
+    import diffusers
+
+    if lora not in LORA_MODES:
+        raise ValueError(f"lora must be one of {LORA_MODES}, got {lora!r}")
+    den = generator.denoiser
+    family = text_family(den.model)
+    pipeline_name, component, _, _ = FAMILIES[family]
+    pipeline_cls = getattr(diffusers, pipeline_name)
+    parts = _parts(generator, teacher, family)
+    timesteps = training_timesteps(generator)
+    scheduler = _scheduler(generator, family)
+    call = pipeline_call(generator, teacher, family, parts, scheduler)
+    embedded = bool(getattr(den, "embedded_guidance", False))
+    adapter = has_adapters(unwrap(den.model))
+    if lora == "adapter" and not adapter:
+        raise ValueError("lora='adapter' needs a LoRA student (algorithm.params.generator_lora); this one has no adapter")
+    as_lora = adapter and lora in ("auto", "adapter")
+    notes = _notes(family, scheduler, timesteps, call, embedded)
+    sched_name = type(scheduler).__name__
+    seed = "torch.manual_seed(0)  # the re-noising noise comes from the global RNG\n" if (
+        family in ("sd3", "flux") and len(timesteps) > 1) else ""
+    if as_lora:
+        teacher_id = teacher_name(teacher, generator, teacher_name_, extra)
+        snippet = (
+            "import torch\n"
+            f"from diffusers import {pipeline_name}, {sched_name}\n\n"
+            f'pipe = {pipeline_name}.from_pretrained("{teacher_id}")  # the stock teacher pipeline\n'
+            f'pipe.scheduler = {sched_name}.from_pretrained("{out}", subfolder="scheduler")\n'
+            f'pipe.load_lora_weights("{out}")\n'
+            f"{seed}"
+            f'image = pipe("{PROMPT}", {_fmt_call(call)}).images[0]'
         )
-        pipe.save_pretrained(tmp, safe_serialization=True)
-        update_model_index(tmp, {SCHEDULER_TIMESTEPS_KEY: timesteps})
+        notes = [
+            f"These are LoRA weights (rank / alpha / target modules in the file's metadata) for the teacher's "
+            f"{component}: load them onto the stock teacher pipeline and swap in the scheduler of this folder. "
+            "`pipe.fuse_lora()` folds them into the weights; `stepdistill.export.lora.load_lora(pipe, folder)` "
+            "checks the keys first and names what the pipeline expects when they do not match.",
+            *notes,
+        ]
+        kind = "lora"
+    else:
+        snippet = (
+            "import torch\n"
+            f"from diffusers import {pipeline_name}\n\n"
+            f'pipe = {pipeline_name}.from_pretrained("{out}")\n'
+            f"{seed}"
+            f'image = pipe("{PROMPT}", {_fmt_call(call)}).images[0]'
+        )
+        if adapter:
+            notes.insert(0, "The student's LoRA adapter is fused into the weights of this full pipeline.")
+        kind = "pipeline"
+    meta = student_meta(generator, teacher, algorithm=algorithm, paper=paper, pipeline=pipeline_name,
+                        name=teacher_name_, extra=extra, metrics=metrics, snippet=snippet,
+                        ema=use_ema_state is not None)
+    meta.update(scheduler=sched_name, family=family, export_kind=kind, pipeline_call=call)
+    if embedded or family == "flux":
+        meta["guidance_embeds"] = embedded
+    card = student_card(meta, snippet, notes)
+    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+        if as_lora:
+            from .lora import save_lora_weights
+
+            net = student_network_with_adapter(generator, use_ema_state)
+            meta["lora"] = save_lora_weights(pipeline_cls, net, tmp)
+            scheduler.save_pretrained(tmp / "scheduler")
+            card = student_card(meta, snippet, notes)
+        else:
+            kwargs = {name: (fp32(part) if not name.startswith("tokenizer") else part) for name, part in parts.items()}
+            kwargs[component] = student_network(generator, use_ema_state)
+            kwargs["scheduler"] = scheduler
+            if family == "sd":
+                kwargs.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+            elif family == "sdxl":
+                kwargs["force_zeros_for_empty_prompt"] = getattr(den, "null_prompt", "zeros") == "zeros"
+            pipe = pipeline_cls(**kwargs)
+            pipe.save_pretrained(tmp, safe_serialization=True)
+            update_model_index(tmp, {SCHEDULER_TIMESTEPS_KEY: timesteps})
         write_metadata(tmp, meta, card)
     return out
+
+
+def student_network_with_adapter(generator, use_ema_state):
+    """The student network with its adapter kept (EMA weights loaded into a copy when given)."""
+    import copy
+
+    from .common import load_ema_state
+
+    net = unwrap(generator.denoiser.model)
+    if use_ema_state is None:
+        return net
+    net = copy.deepcopy(net)
+    load_ema_state(net, use_ema_state)
+    return net
+
+
+def export_sd_student(generator, teacher, out: Path, *, teacher_name=None, **kwargs) -> Path:
+    """Back-compatible name: :func:`export_text_student`."""
+    return export_text_student(generator, teacher, out, teacher_name_=teacher_name, **kwargs)
