@@ -35,7 +35,7 @@ def _common(p: argparse.ArgumentParser, generation: bool = True, detector: bool 
                             "a comma-separated list of ints")
         g.add_argument("--num-classes", type=int, default=None, help="classes of a class-conditional pipeline")
     if detector:
-        g.add_argument("--detector", default="digits", choices=["digits", "inception", "clean", "legacy_tensorflow"],
+        g.add_argument("--detector", default="digits", choices=["digits", "inception", "clean", "legacy_tensorflow", "t2i"],
                        help="feature extractor (digits = the package's digits classifier, NOT Inception)")
         g.add_argument("--detector-weights", default=None,
                        help="digits detector folder (default: the cache, trained on first use)")
@@ -55,7 +55,7 @@ def _common(p: argparse.ArgumentParser, generation: bool = True, detector: bool 
 def _detector(args: argparse.Namespace):
     from .detectors import get_detector
 
-    weights = args.detector_weights if args.detector == "digits" else args.inception_weights
+    weights = args.detector_weights if args.detector in ("digits", "t2i") else args.inception_weights
     return get_detector(args.detector, weights=weights, antialias=args.antialias, device=args.device)
 
 

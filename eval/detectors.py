@@ -651,7 +651,7 @@ class CleanFIDDetector(Detector):
 
 
 # ----------------------------------------------------------------------------------------------- factory
-DETECTOR_NAMES = ("digits", "inception", "clean", "legacy_tensorflow")
+DETECTOR_NAMES = ("digits", "inception", "clean", "legacy_tensorflow", "t2i")
 
 
 def get_detector(
@@ -669,11 +669,17 @@ def get_detector(
     * ``"inception"``: ``weights`` = a local torch-fidelity Inception ``.pth`` (or ``.safetensors``);
       ``None`` lets torch-fidelity download it (online only).  ``antialias`` as in torchmetrics.
     * ``"clean"`` / ``"legacy_tensorflow"``: clean-fid with a local ``inception-2015-12-05.pt``.
+    * ``"t2i"``: the coloured-MNIST attribute judge (``FID-attr``); ``weights`` = its folder
+      (default: the shipped ``eval/weights/t2i-attr-v1``).
     """
     if name in ("digits", "digits-classifier"):
         return DigitsDetector.load(weights, device=device) if weights else DigitsDetector.default(device=device)
     if name in ("inception", "inception-v3-compat"):
         return InceptionDetector(weights, feature_dim=feature_dim, antialias=antialias, device=device)
+    if name in ("t2i", "t2i-attributes"):
+        from .judges import AttributeDetector, default_attribute_detector
+
+        return AttributeDetector.load(weights, device=device) if weights else default_attribute_detector(device=device)
     if name in ("clean", "legacy_tensorflow", "clean-fid"):
         return CleanFIDDetector("clean" if name == "clean-fid" else name, weights, device=device)
     raise EvalInputError(f"unknown detector {name!r}; choose one of {', '.join(DETECTOR_NAMES)}")

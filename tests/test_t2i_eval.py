@@ -179,3 +179,20 @@ def test_floors_with_a_vae(tiny_pipe):
     assert res["train_images"] > res["heldout_recoloured"] > 0
     assert res["vae_train_images"] > res["train_images"]  # a random VAE destroys the images
     assert "vae_psnr_db" in res and res["n"] == 200
+
+
+def test_fid_cli_with_the_t2i_detector(tmp_path, capsys):
+    from stepdistill.eval.detectors import get_detector
+
+    assert isinstance(get_detector("t2i"), J.AttributeDetector)
+    a = cm.load_split("heldout", variants=1, seed=0)
+    b = cm.load_split("heldout", variants=1, seed=5)
+    np.savez(tmp_path / "a.npz", images=J.as_uint8(a.images).numpy())
+    np.savez(tmp_path / "b.npz", images=J.as_uint8(b.images).numpy())
+    assert main(["fid", str(tmp_path / "a.npz"), str(tmp_path / "a.npz"), "--detector", "t2i", "--json",
+                 "--no-progress"]) == 0
+    same = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert same["metric"] == "FID-attr-N500" and abs(same["fid"]) < 1e-6
+    assert main(["fid", str(tmp_path / "a.npz"), str(tmp_path / "b.npz"), "--detector", "t2i", "--json",
+                 "--no-progress"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["fid"] > 1
