@@ -28,11 +28,11 @@ from torch import nn
 from ..teachers.base import DiffusionTeacher, append_dims
 from . import register
 from .base import Distiller, LossOutput
-from .common import batch_size_of, draw_conditions, make_generator
+from .common import GeneratorOptions, batch_size_of, draw_conditions, make_generator
 
 
 @dataclass
-class BOOTConfig:
+class BOOTConfig(GeneratorOptions):
     step_size: int = 50  # Delta: s = t - step_size on the 1000-step index grid (T/Delta = 20 DDIM steps)
     query_timestep: int = 20  # timestep index the exported one-step student is evaluated at ("t ~ 0")
     guidance_scale: float | None = None  # CFG inside the teacher target; None = teacher's default
@@ -56,7 +56,7 @@ class BOOT(Distiller):
             raise ValueError(f"algorithm.params.step_size must lie in [1, {n - 1}]")
         if not 0 <= c.query_timestep < n - c.step_size:
             raise ValueError("algorithm.params.query_timestep must lie below T - step_size")
-        self.generator = make_generator(teacher, [c.query_timestep])
+        self.generator = make_generator(teacher, [c.query_timestep], lora=c.generator_lora)
         # BOOT's student predicts the signal y_t directly (the paper's teachers are signal-prediction
         # models): with the teacher's eps/v parametrisation the output at small t is ~ its pure-noise
         # input and the network cannot express y.  The exported LCMScheduler gets prediction_type=sample.

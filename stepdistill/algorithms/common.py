@@ -4,7 +4,8 @@
   how many samples a batch asks for, its conditions (given or drawn from the teacher), and the
   generator sample of the step, cached so that every phase of one step sees the same ``x``.
 * :func:`make_generator` — the one-/few-step student from a teacher copy, with the guard against
-  conditioning timesteps where the x0 conversion is ill-posed.
+  conditioning timesteps where the x0 conversion is ill-posed; :class:`GeneratorOptions` (the
+  ``generator_lora`` key every score-distillation Config inherits) makes it a LoRA student.
 * :func:`denoising_weight` / :func:`critic_denoising_loss` — the fake-score ("critic") loss in
   the teacher's own parametrisation, written in x0 space.
 * :class:`GANHead` + :class:`BottleneckFeatures` — DMD2's discriminator on the critic's bottleneck
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -85,15 +87,108 @@ class GeneratorTimestepError(ValueError):
     """The generator's conditioning timestep makes the x0 conversion ill-posed (see make_generator)."""
 
 
-def make_generator(teacher: DiffusionTeacher, timesteps: list[int], min_abar: float = 1e-3) -> Generator:
+#: LoRA targets when ``generator_lora`` names none: the attention projections, which every
+#: supported denoiser (SD/SDXL UNets, DiT, SD3 and FLUX transformers) has under these names
+DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+@dataclass
+class GeneratorLoRA:
+    """``algorithm.params.generator_lora``: the student is a peft LoRA adapter on the teacher's network."""
+
+    rank: int = 16
+    alpha: float | None = None  # None = rank (scale 1)
+    target_modules: list | None = None  # module names (peft matching); None = DEFAULT_LORA_TARGETS
+    dropout: float = 0.0
+
+
+@dataclass
+class GeneratorOptions:
+    """Options of the student shared by every score-distillation Config (DMD2, VSD, BOOT, and through
+    their ``base_params`` MSD and DisBack): a base dataclass, so ``from_dict`` accepts the keys."""
+
+    generator_lora: dict | None = None  # {rank, alpha, target_modules, dropout}; None = full student
+
+
+def parse_generator_lora(spec: dict | None) -> GeneratorLoRA | None:
+    if spec is None:
+        return None
+    from ..config import from_dict
+
+    lora = from_dict(GeneratorLoRA, spec, prefix="algorithm.params.generator_lora.")
+    if lora.rank < 1:
+        raise ValueError(f"algorithm.params.generator_lora.rank must be >= 1, got {lora.rank}")
+    return lora
+
+
+def add_generator_lora(denoiser: DiffusionTeacher, lora: GeneratorLoRA, share_with: nn.Module | None = None):
+    """Turn the trainable copy ``denoiser`` into a LoRA student: its network is frozen (and, when
+    ``share_with`` is the teacher's network of the same dtype, its base weights *are* the teacher's,
+    so the student costs only its adapter), a peft LoRA adapter named ``default`` is attached to
+    ``lora.target_modules`` (diffusers' ``add_adapter`` where the network has it, so that
+    ``get_peft_model_state_dict`` / ``fuse_lora`` / ``save_lora_weights`` work), and only the adapter
+    trains.  ``init_lora_weights=True`` (B = 0): the student starts as the teacher."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    net = denoiser.model
+    if share_with is not None:
+        _share_frozen_weights(net, share_with)
+    net.requires_grad_(False)
+    targets = list(lora.target_modules or DEFAULT_LORA_TARGETS)
+    cfg = LoraConfig(r=lora.rank, lora_alpha=float(lora.alpha if lora.alpha is not None else lora.rank),
+                     target_modules=targets, lora_dropout=lora.dropout, init_lora_weights=True)
+    try:
+        if hasattr(net, "add_adapter"):
+            net.add_adapter(cfg)
+        else:
+            inject_adapter_in_model(cfg, net, adapter_name="default")
+            net.peft_config = {"default": cfg}
+    except ValueError as e:
+        names = sorted({n.split(".")[-1] for n, m in net.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))})
+        raise ValueError(
+            f"algorithm.params.generator_lora.target_modules {targets} match no layer of {type(net).__name__} ({e}); "
+            f"its Linear/Conv2d layer names: {names}"
+        ) from e
+    for name, p in net.named_parameters():
+        p.requires_grad_("lora_" in name)
+    return denoiser
+
+
+def _share_frozen_weights(net: nn.Module, teacher_net: nn.Module) -> None:
+    """Point every parameter of ``net`` (a deep copy of ``teacher_net``) at the teacher's own tensor
+    when the two have the same dtype (the copy's memory is freed); a no-op otherwise."""
+    mods = dict(teacher_net.named_modules())
+    for name, mod in net.named_modules():
+        src = mods.get(name)
+        if src is None:
+            continue
+        for key, p in list(mod._parameters.items()):
+            q = src._parameters.get(key)
+            if p is not None and q is not None and q.shape == p.shape and q.dtype == p.dtype:
+                mod._parameters[key] = q
+
+
+def make_generator(teacher: DiffusionTeacher, timesteps: list[int], min_abar: float = 1e-3,
+                   lora: dict | GeneratorLoRA | None = None) -> Generator:
     """A student initialised from the teacher, evaluated at ``timesteps`` (descending).
 
     For epsilon-prediction VP teachers, x0 = (x - sqrt(1-abar) eps) / sqrt(abar) multiplies the
     network's error by 1/sqrt(abar); at t = 999 of a cosine schedule abar ~ 2.4e-9 (a factor of
     ~20 000), which makes one-step training diverge.  We refuse such timesteps with a clear error.
     v-prediction and sample-prediction are well-posed at every t.
+
+    ``lora`` (``algorithm.params.generator_lora``): the student is a LoRA adapter on the teacher's
+    network (:func:`add_generator_lora`; only the adapter trains).
     """
+    spec = lora if isinstance(lora, GeneratorLoRA) or lora is None else parse_generator_lora(lora)
     copy = teacher.trainable_copy()
+    if spec is not None:
+        if not isinstance(getattr(copy, "model", None), nn.Module):
+            raise ValueError(
+                f"algorithm.params.generator_lora needs a diffusers teacher network to adapt; "
+                f"{type(teacher).__name__} has none"
+            )
+        add_generator_lora(copy, spec, share_with=getattr(teacher, "model", None))
     pt = getattr(teacher, "prediction_type", None)
     if pt == "epsilon":
         sig = teacher.sigmas[timesteps[0]]

@@ -31,6 +31,7 @@ from .base import Distiller, LossOutput
 from .common import (
     BottleneckFeatures,
     GANHead,
+    GeneratorOptions,
     batch_size_of,
     critic_denoising_loss,
     default_weighting,
@@ -47,7 +48,7 @@ from .common import (
 
 
 @dataclass
-class DMD2Config:
+class DMD2Config(GeneratorOptions):
     generator_timesteps: list = field(default_factory=lambda: [999])  # descending; >1 = multi-step student
     backward_simulation: bool = True  # multi-step: train on the student's own rollouts (paper §3.6)
     min_step_frac: float = 0.02  # DM timestep range: indices 20..980 of 1000
@@ -83,7 +84,7 @@ class DMD2(Distiller):
             raise ValueError("need 0 <= min_step_frac <= max_step_frac <= 1")
         if c.regression_steps > 0 and c.regression_pairs <= 0:
             raise ValueError("regression_steps > 0 needs regression_pairs > 0 (teacher noise-image pairs)")
-        self.generator = make_generator(teacher, [int(t) for t in c.generator_timesteps])
+        self.generator = make_generator(teacher, [int(t) for t in c.generator_timesteps], lora=c.generator_lora)
         self.critic = teacher.trainable_copy()  # the fake score
         self.weighting = c.critic_weighting or default_weighting(teacher)
         self.min_step = frac_to_index(teacher, c.min_step_frac)

@@ -26,6 +26,7 @@ from ..teachers.base import DiffusionTeacher, append_dims, cond_index
 from . import register
 from .base import Distiller, LossOutput
 from .common import (
+    GeneratorOptions,
     critic_denoising_loss,
     default_weighting,
     frac_to_index,
@@ -36,7 +37,7 @@ from .common import (
 
 
 @dataclass
-class VSDConfig:
+class VSDConfig(GeneratorOptions):
     generator_timesteps: list = field(default_factory=lambda: [999])
     min_step_frac: float = 0.02
     max_step_frac: float = 0.98
@@ -81,7 +82,7 @@ class VSD(Distiller):
         c = config
         if c.critic not in ("lora", "full"):
             raise ValueError(f"algorithm.params.critic must be 'lora' or 'full', got {c.critic!r}")
-        self.generator = make_generator(teacher, [int(t) for t in c.generator_timesteps])
+        self.generator = make_generator(teacher, [int(t) for t in c.generator_timesteps], lora=c.generator_lora)
         critic = teacher.trainable_copy()
         if c.critic == "lora":
             critic = add_lora(critic, c.lora_rank, c.lora_alpha, c.lora_targets)

@@ -91,8 +91,8 @@ from .common import (
     check_student,
     unwrap,
 )
-from .multi_student import export_multi_student
 from .lora import check_lora_keys, fuse_lora_into_pipeline, load_lora
+from .multi_student import export_multi_student
 from .text_to_image import LORA_MODES, export_sd_student, export_text_student, text_family
 
 __all__ = [
@@ -148,10 +148,12 @@ def export_generator(
             custom code) for class-conditional pixel ``UNet2DModel`` students whose timesteps are
             LCM's default schedule (it reproduces them exactly); ``False``: always the package's
             self-contained ``OneStepPipeline`` for ``UNet2DModel`` students.
-        lora: LoRA students (peft adapters) of text-to-image teachers: ``"auto"`` / ``"adapter"`` write
-            LoRA weights for the stock teacher pipeline (``pipe.load_lora_weights(folder)``, with the
-            scheduler to swap in), ``"fused"`` the full stock pipeline with the adapter folded in.
-            Other students' adapters are always fused (their pipelines have no LoRA loader).
+        lora: LoRA students (peft adapters) of text-to-image teachers: ``"auto"`` = ``"both"``: the full
+            stock pipeline with the adapter fused in *and* ``pytorch_lora_weights.safetensors`` for
+            ``pipe.load_lora_weights(folder)`` on the stock teacher pipeline (with the folder's
+            scheduler swapped in); ``"adapter"``: only the LoRA weights, scheduler and card;
+            ``"fused"``: only the full pipeline.  Other students' adapters are always fused (their
+            pipelines have no LoRA loader).
 
     Returns the folder.  Raises ``NotImplementedError`` for students that cannot be exported
     (see :data:`SUPPORTED`).

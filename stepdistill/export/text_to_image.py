@@ -27,9 +27,10 @@ FLUX pipelines call ``scheduler.step`` without the ``generator``: multi-step sam
 ``torch.manual_seed``.  Guidance-distilled FLUX (``guidance_embeds``): the student was trained with
 guidance-embedding input 1.0 (``denoise_raw``), which the call passes as ``guidance_scale``.
 
-LoRA students (peft adapters, ``algorithm.params.generator_lora``) are written, by default, as LoRA
-weights for the stock teacher pipeline (``pipe.load_lora_weights(folder)``; the folder also holds the
-scheduler to swap in); ``lora="fused"`` writes the full pipeline with the adapter folded in instead.
+LoRA students (peft adapters, ``algorithm.params.generator_lora``) are written, by default, both as
+the full stock pipeline (adapter fused) and as LoRA weights for the stock teacher pipeline in the
+same folder (``pipe.load_lora_weights(folder)`` + the folder's scheduler); ``lora="adapter"`` writes
+only the LoRA weights, scheduler and card, ``lora="fused"`` only the full pipeline.
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ FAMILIES = {
             ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "vae"), ("text_encoder_3", "tokenizer_3")),
     "flux": ("FluxPipeline", "transformer", ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "vae"), ()),
 }
-LORA_MODES = ("auto", "adapter", "fused")
+LORA_MODES = ("auto", "both", "adapter", "fused")
 PROMPT = "a photo of a cat"
 
 
@@ -181,8 +182,14 @@ def _notes(family: str, scheduler, timesteps, call, embedded_guidance: bool) -> 
 def export_text_student(generator, teacher, out: Path, *, algorithm: str, paper: str = "", metrics=None,
                         extra=None, use_ema_state=None, overwrite: bool = False, teacher_name_: str | None = None,
                         lora: str = "auto") -> Path:
-    """Write a text-to-image student (SD, SDXL, SD3, FLUX.1) as a stock pipeline folder, or, for a
-    LoRA student (``lora`` "auto"/"adapter"), as LoRA weights for the stock teacher pipeline."""
+    """Write a text-to-image student (SD, SDXL, SD3, FLUX.1) as a stock pipeline folder.
+
+    LoRA students (``lora``): ``"both"`` (what ``"auto"`` means for them) writes the full stock pipeline
+    with the adapter fused in *and* the adapter as ``pytorch_lora_weights.safetensors`` in the same
+    folder, so ``<Pipeline>.from_pretrained(folder)`` and, on the stock teacher pipeline,
+    ``pipe.load_lora_weights(folder)`` + the folder's ``scheduler`` both run the student;
+    ``"adapter"`` writes only the LoRA weights, the scheduler and the card (no copy of the teacher's
+    encoders / VAE); ``"fused"`` only the full pipeline."""
     import diffusers
 
     if lora not in LORA_MODES:
@@ -199,58 +206,52 @@ def export_text_student(generator, teacher, out: Path, *, algorithm: str, paper:
     adapter = has_adapters(unwrap(den.model))
     if lora == "adapter" and not adapter:
         raise ValueError("lora='adapter' needs a LoRA student (algorithm.params.generator_lora); this one has no adapter")
-    as_lora = adapter and lora in ("auto", "adapter")
+    mode = ("both" if lora == "auto" else lora) if adapter else "fused"
+    write_lora, write_pipeline = mode in ("both", "adapter"), mode in ("both", "fused")
     notes = _notes(family, scheduler, timesteps, call, embedded)
     sched_name = type(scheduler).__name__
     seed = "torch.manual_seed(0)  # the re-noising noise comes from the global RNG\n" if (
         family in ("sd3", "flux") and len(timesteps) > 1) else ""
-    if as_lora:
-        teacher_id = teacher_name(teacher, generator, teacher_name_, extra)
-        snippet = (
-            "import torch\n"
-            f"from diffusers import {pipeline_name}, {sched_name}\n\n"
-            f'pipe = {pipeline_name}.from_pretrained("{teacher_id}")  # the stock teacher pipeline\n'
-            f'pipe.scheduler = {sched_name}.from_pretrained("{out}", subfolder="scheduler")\n'
-            f'pipe.load_lora_weights("{out}")\n'
-            f"{seed}"
-            f'image = pipe("{PROMPT}", {_fmt_call(call)}).images[0]'
-        )
-        notes = [
-            f"These are LoRA weights (rank / alpha / target modules in the file's metadata) for the teacher's "
-            f"{component}: load them onto the stock teacher pipeline and swap in the scheduler of this folder. "
-            "`pipe.fuse_lora()` folds them into the weights; `stepdistill.export.lora.load_lora(pipe, folder)` "
-            "checks the keys first and names what the pipeline expects when they do not match.",
-            *notes,
-        ]
-        kind = "lora"
-    else:
-        snippet = (
+    run = f'image = pipe("{PROMPT}", {_fmt_call(call)}).images[0]'
+    snippets = []
+    if write_pipeline:
+        snippets.append(
             "import torch\n"
             f"from diffusers import {pipeline_name}\n\n"
             f'pipe = {pipeline_name}.from_pretrained("{out}")\n'
-            f"{seed}"
-            f'image = pipe("{PROMPT}", {_fmt_call(call)}).images[0]'
+            f"{seed}{run}"
         )
-        if adapter:
-            notes.insert(0, "The student's LoRA adapter is fused into the weights of this full pipeline.")
-        kind = "pipeline"
+    if write_lora:
+        teacher_id = teacher_name(teacher, generator, teacher_name_, extra)
+        snippets.append(
+            ("# or: the LoRA weights on the stock teacher pipeline\n" if write_pipeline else "import torch\n")
+            + f"from diffusers import {pipeline_name}, {sched_name}\n\n"
+            f'pipe = {pipeline_name}.from_pretrained("{teacher_id}")  # the stock teacher pipeline\n'
+            f'pipe.scheduler = {sched_name}.from_pretrained("{out}", subfolder="scheduler")\n'
+            f'pipe.load_lora_weights("{out}")\n'
+            f"{seed}{run}"
+        )
+        notes.insert(0,
+            f"`pytorch_lora_weights.safetensors` holds the student as LoRA weights for the teacher's {component} "
+            "(rank / alpha / target modules in the file's metadata): load them onto the stock teacher pipeline and "
+            "swap in this folder's scheduler. `pipe.fuse_lora()` folds them into the weights; "
+            "`stepdistill.export.lora.load_lora(pipe, folder)` checks the keys first and names what the pipeline "
+            "expects when they do not match."
+            + (" The full pipeline in this folder has the adapter fused in." if write_pipeline else "")
+        )
+    elif adapter:
+        notes.insert(0, "The student's LoRA adapter is fused into the weights of this full pipeline.")
+    snippet = "\n\n".join(snippets)
     meta = student_meta(generator, teacher, algorithm=algorithm, paper=paper, pipeline=pipeline_name,
                         name=teacher_name_, extra=extra, metrics=metrics, snippet=snippet,
                         ema=use_ema_state is not None)
-    meta.update(scheduler=sched_name, family=family, export_kind=kind, pipeline_call=call)
-    if embedded or family == "flux":
+    meta.update(scheduler=sched_name, family=family, export_kind={"both": "pipeline+lora", "adapter": "lora",
+                                                                  "fused": "pipeline"}[mode], pipeline_call=call)
+    if family == "flux":
         meta["guidance_embeds"] = embedded
-    card = student_card(meta, snippet, notes)
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
-        if as_lora:
-            from .lora import save_lora_weights
-
-            net = student_network_with_adapter(generator, use_ema_state)
-            meta["lora"] = save_lora_weights(pipeline_cls, net, tmp)
-            scheduler.save_pretrained(tmp / "scheduler")
-            card = student_card(meta, snippet, notes)
-        else:
-            kwargs = {name: (fp32(part) if not name.startswith("tokenizer") else part) for name, part in parts.items()}
+        if write_pipeline:
+            kwargs = {name: (part if name.startswith("tokenizer") else fp32(part)) for name, part in parts.items()}
             kwargs[component] = student_network(generator, use_ema_state)
             kwargs["scheduler"] = scheduler
             if family == "sd":
@@ -260,7 +261,13 @@ def export_text_student(generator, teacher, out: Path, *, algorithm: str, paper:
             pipe = pipeline_cls(**kwargs)
             pipe.save_pretrained(tmp, safe_serialization=True)
             update_model_index(tmp, {SCHEDULER_TIMESTEPS_KEY: timesteps})
-        write_metadata(tmp, meta, card)
+        else:
+            scheduler.save_pretrained(tmp / "scheduler")
+        if write_lora:
+            from .lora import save_lora_weights
+
+            meta["lora"] = save_lora_weights(pipeline_cls, student_network_with_adapter(generator, use_ema_state), tmp)
+        write_metadata(tmp, meta, student_card(meta, snippet, notes))
     return out
 
 
