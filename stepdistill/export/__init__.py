@@ -9,6 +9,18 @@ What gets written (see DESIGN.md §3 "Export"):
       pipe = StableDiffusionPipeline.from_pretrained(folder)
       pipe(prompt, num_inference_steps=1, timesteps=[899], guidance_scale=0.0)
 
+* SDXL students -> stock ``StableDiffusionXLPipeline`` + ``LCMScheduler`` (1-step at 399 from pure
+  noise: ``timesteps=[399]``; 4-step ``[999, 749, 499, 249]`` is LCM's default); SD3 / FLUX.1 students
+  -> stock ``StableDiffusion3Pipeline`` / ``FluxPipeline`` + ``FlowMatchEulerDiscreteScheduler``
+  (``shift=1``, no dynamic shifting, ``stochastic_sampling``) called with the student's flow times as
+  ``sigmas=``; class-conditional DiT students with a VAE -> stock ``DiTPipeline`` + ``LCMScheduler``
+  where LCM's default schedule is the student's (see :mod:`.text_to_image`, :mod:`.class_conditional`).
+  Every folder's ``stepdistill.json`` records the exact stock call as ``pipeline_call``.
+
+* LoRA students (peft adapters) of those text-to-image families -> the fused stock pipeline plus
+  ``pytorch_lora_weights.safetensors`` for ``pipe.load_lora_weights(folder)`` on the stock teacher
+  pipeline (``lora="adapter"`` / ``"fused"`` for one of the two; :mod:`.lora`, ``docs/lora.md``).
+
 * A class-conditional pixel-space ``UNet2DModel`` student (no VAE) whose timesteps are
   ``LCMScheduler``'s default schedule for its number of steps (``[999]``, ``[999, 749, 499, 249]``)
   becomes a **stock** ``ConsistencyModelPipeline`` with an ``LCMScheduler``, which runs exactly the
@@ -35,8 +47,10 @@ Layout of this package (one module per output kind)::
 
     common.py             atomic folders, EMA loading, adapter folding, the LCM scheduler,
                           provenance metadata and the one model-card builder
-    text_to_image.py      UNet2DConditionModel students -> StableDiffusionPipeline
+    text_to_image.py      text-to-image students (SD, SDXL, SD3, FLUX.1) -> their stock pipelines
+    lora.py               LoRA weights of LoRA students, checked LoRA loading, fusing a user's LoRA
     class_conditional.py  UNet2DModel students -> stock ConsistencyModelPipeline or OneStepPipeline;
+                          DiT students -> stock DiTPipeline;
                           class-conditional teachers -> ClassConditionalPipeline
     multi_student.py      MSD students -> MultiStudentPipeline
     autoregressive.py     AR teachers -> ARImagePipeline; DD students -> DistilledDecodingPipeline
