@@ -127,9 +127,11 @@ class Generator(nn.Module):
         teachers whose network sees packed tokens (FLUX: ``pack`` / ``unpack``), where the pipeline's
         scheduler draws ``randn`` of the packed shape, unpacked here."""
         pack, unpack = getattr(self.denoiser, "pack", None), getattr(self.denoiser, "unpack", None)
+        # draw where the generator lives (the sample grid's seeded CPU generator), then move
+        gdev = generator.device if generator is not None else x0.device
         if callable(pack) and callable(unpack) and x0.ndim == 4:
             h, w = x0.shape[-2:]
             shape = pack(x0[:1]).shape[1:]
-            noise = torch.randn((x0.shape[0], *shape), generator=generator, device=x0.device, dtype=x0.dtype)
-            return unpack(noise, h, w)
-        return torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+            noise = torch.randn((x0.shape[0], *shape), generator=generator, device=gdev, dtype=x0.dtype)
+            return unpack(noise.to(x0.device), h, w)
+        return torch.randn(x0.shape, generator=generator, device=gdev, dtype=x0.dtype).to(x0.device)

@@ -68,14 +68,18 @@ class Distiller(TrainingTask, ABC):
         """The batch source of a run (``train.dataset`` or data-free conditions)."""
         from ..data.sources import build_source
 
-        return build_source(train_cfg, self.teacher, needs_data=self.needs_data)
+        source = build_source(train_cfg, self.teacher, needs_data=self.needs_data)
+        for m in self.modules():  # the run's conditions, e.g. the prompts of text-teacher regression pairs
+            if isinstance(m, Distiller):
+                m.condition_source = source
+        return source
 
     def grid_conditions(self, n: int, generator: torch.Generator | None = None):
         """Raw conditions of the sample grid: classes ``0, 1, 2, ...`` cycling for class-conditional
         teachers, the teacher's random draw otherwise (prompts), None when unconditional."""
         raw = self.teacher.random_raw_conditions(n, generator)
         if raw is not None and getattr(self.teacher, "num_classes", None):
-            raw = torch.arange(n) % self.teacher.num_classes
+            raw = torch.arange(n, device="cpu") % self.teacher.num_classes  # host data, encoded later
         return raw
 
     def sample_images(self, n: int, generator: torch.Generator | None = None) -> Tensor | None:
@@ -83,7 +87,10 @@ class Distiller(TrainingTask, ABC):
         student = self.generator_for_export()
         raw = self.grid_conditions(n, generator)
         cond = self.teacher.encode_conditions(raw) if raw is not None else None
-        z = torch.randn((n, *student.sample_shape), generator=generator)
+        # the seeded CPU generator draws the grid noise (the same grid on every device), then it moves
+        # to the student's device
+        device = self.teacher.sigmas.device
+        z = torch.randn((n, *student.sample_shape), generator=generator, device="cpu").to(device)
         was = student.training
         student.eval()
         with torch.no_grad():

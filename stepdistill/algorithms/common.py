@@ -11,14 +11,17 @@
 * :class:`GANHead` + :class:`BottleneckFeatures` — DMD2's discriminator on the critic's bottleneck
   (a forward hook on the diffusers mid-block, no forked UNet code).
 * :func:`sample_timestep_indices` — uniform integer timestep indices, the papers' ``20..980``.
-* :func:`teacher_pairs` — deterministic (noise, teacher ODE sample) pairs for regression.
+* :class:`RegressionPairs` — deterministic (noise, teacher ODE sample) pairs for regression, made on
+  the teacher's device on first use, sharded on disk and streamed (:func:`teacher_pairs`: in memory).
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -338,6 +341,12 @@ def gan_feature_shape(critic: DiffusionTeacher, hook: BottleneckFeatures, cond_e
 # regression pairs
 
 
+def _ode_sample(teacher: DiffusionTeacher, z: Tensor, cond, num_steps: int, sampler: str, guidance_scale) -> Tensor:
+    if hasattr(teacher, "sample"):
+        return teacher.sample(cond=cond, num_steps=num_steps, sampler=sampler, noise=z, guidance_scale=guidance_scale)
+    return probability_flow_euler(teacher, z, cond, num_steps, guidance_scale)  # analytic teachers
+
+
 @torch.no_grad()
 def teacher_pairs(
     teacher: DiffusionTeacher,
@@ -348,39 +357,126 @@ def teacher_pairs(
     batch_size: int = 500,
     guidance_scale: float | None = None,
 ) -> dict[str, Tensor]:
-    """Deterministic (noise, raw_cond, x0) triples: x0 is the teacher's ODE sample from the noise.
+    """Deterministic (noise, raw_cond, x0) triples in memory, on the teacher's device (small sets,
+    tests; training runs use :class:`RegressionPairs`, sharded on disk).
 
-    The noise is the scheduler's unit starting noise, i.e. the generator's own input ``z``.
+    The noise is the scheduler's unit starting noise, i.e. the generator's own input ``z``; it is
+    drawn on the CPU from a seeded generator (the same numbers on every device).
     """
     g = torch.Generator().manual_seed(seed)
+    device = teacher.sigmas.device
     zs, xs, cs = [], [], []
     for start in range(0, n, batch_size):
         b = min(batch_size, n - start)
         raw = teacher.random_raw_conditions(b, g)
         cond = teacher.encode_conditions(raw) if raw is not None else None
-        z = torch.randn((b, *teacher.sample_shape), generator=g)
-        if hasattr(teacher, "sample"):
-            x0 = teacher.sample(cond=cond, num_steps=num_steps, sampler=sampler, noise=z,
-                                guidance_scale=guidance_scale)
-        else:  # analytic teacher: Euler on the probability-flow ODE in sigma space
-            x0 = probability_flow_euler(teacher, z, cond, num_steps, guidance_scale)
+        z = torch.randn((b, *teacher.sample_shape), generator=g, device="cpu").to(device)
         zs.append(z)
-        xs.append(x0.float())
+        xs.append(_ode_sample(teacher, z, cond, num_steps, sampler, guidance_scale).float())
         if raw is not None:
-            cs.append(torch.as_tensor(raw))
+            cs.append(torch.as_tensor(raw, device="cpu"))
     out = {"noise": torch.cat(zs), "x0": torch.cat(xs)}
     if cs:
         out["raw_cond"] = torch.cat(cs)
     return out
 
 
+class RegressionPairs:
+    """DMD's regression set: (unit noise ``z``, teacher ODE sample ``x0``, raw condition) rows in a
+    :class:`~stepdistill.data.pairsets.PairStore` (sharded safetensors + ``index.json`` keyed by the
+    teacher's weights and these settings; atomic, resumable, split over ranks, streamed).
+
+    Nothing runs at construction: :meth:`ensure` generates the missing shards on the teacher's
+    *current* device (call it after the trainer moved the task: DMD2 does in ``on_step_begin`` of
+    its first regression step).  Shard ``i``'s noise and class labels come from a CPU generator
+    seeded by ``(seed, i)``; text teachers take the prompts of rows ``i*S .. i*S+S-1`` from
+    ``prompt_source`` (``batch(0, i, num_shards, S)``, a pure function) and sample them with CFG
+    ``guidance_scale`` (None = the teacher's default), as DMD2 regresses on captioned pairs.
+    """
+
+    def __init__(self, teacher: DiffusionTeacher, num_pairs: int, *, num_steps: int = 10, sampler: str = "ddim",
+                 guidance_scale: float | None = None, seed: int = 1234, shard_size: int = 256,
+                 batch_size: int = 32, root=None, prompt_source=None):
+        from ..data.pairsets import PairStore, weight_digest
+        from ..utils import cache_dir
+
+        self.teacher, self.num_steps, self.sampler = teacher, int(num_steps), sampler
+        self.guidance_scale, self.seed, self.batch_size = guidance_scale, int(seed), max(1, int(batch_size))
+        self.prompt_source = prompt_source
+        self.text = teacher.random_raw_conditions(1, torch.Generator().manual_seed(0)) is None and (
+            getattr(teacher, "tokenizer", None) is not None or getattr(teacher, "text_encoder", None) is not None
+        )
+        if self.text and prompt_source is None:
+            raise ValueError(
+                "regression pairs of a text-conditional teacher need prompts: set algorithm.params.regression_prompts "
+                "(a prompt file or list) or a prompt source (train.dataset=prompts:<file>)"
+            )
+        prompts = getattr(prompt_source, "prompts", None)
+        settings = {
+            "kind": "regression-pairs",
+            "teacher": f"{type(teacher).__name__}:{weight_digest(teacher)}",
+            "sample_shape": list(teacher.sample_shape),
+            "sampler": sampler, "num_steps": self.num_steps,
+            "guidance_scale": teacher.guidance_scale if guidance_scale is None else float(guidance_scale),
+            "seed": self.seed,
+            "prompts": None if prompt_source is None else {
+                "source": type(prompt_source).__name__, "seed": getattr(prompt_source, "seed", None),
+                "digest": hashlib.sha256("\n".join(prompts).encode()).hexdigest()[:16] if prompts else None},
+        }
+        root = root if root is not None else cache_dir() / "regression-pairs"
+        self.store = PairStore(root, settings, num_pairs, shard_size)
+        self.num_rows = self.store.num_rows
+        self.ready = False
+
+    @torch.no_grad()
+    def make_shard(self, i: int, rows: range):
+        from ..data.sources import derive_seed
+
+        t, n = self.teacher, len(rows)
+        device = t.sigmas.device
+        g = torch.Generator().manual_seed(derive_seed("regression-pairs", self.seed, i))
+        z = torch.randn((n, *t.sample_shape), generator=g, device="cpu")
+        if self.prompt_source is not None:
+            raw = list(self.prompt_source.batch(0, i, self.store.num_shards, self.store.shard_size)["raw_cond"])[:n]
+        else:
+            raw = t.random_raw_conditions(n, g)
+        xs = []
+        for s in range(0, n, self.batch_size):
+            part = raw[s : s + self.batch_size] if raw is not None else None
+            cond = t.encode_conditions(part) if part is not None else None
+            xs.append(_ode_sample(t, z[s : s + self.batch_size].to(device), cond, self.num_steps, self.sampler,
+                                  self.guidance_scale).float().cpu())
+        tensors = {"noise": z, "x0": torch.cat(xs)}
+        strings = None
+        if isinstance(raw, Tensor):
+            tensors["raw_cond"] = raw.long()
+        elif raw is not None:
+            strings = {"raw_cond": [str(p) for p in raw]}
+        return tensors, strings
+
+    def ensure(self, log=None) -> RegressionPairs:
+        """Generate the missing shards (this process's share first, see PairStore.ensure)."""
+        if not self.ready:
+            self.store.ensure(self.make_shard, log=log)
+            self.ready = True
+        return self
+
+    def rows(self, index: Tensor, device) -> tuple[Tensor, Tensor, Any]:
+        """``(noise, x0, raw_cond)`` of the given rows, the tensors on ``device`` (only those rows
+        are read from disk)."""
+        self.ensure()
+        r = self.store.rows(index)
+        raw = r.get("raw_cond")
+        return r["noise"].to(device), r["x0"].to(device), raw
+
+
 @torch.no_grad()
 def probability_flow_euler(teacher: DiffusionTeacher, z: Tensor, cond, num_steps: int, guidance_scale=None) -> Tensor:
     """Karras-spaced Euler steps of dx/dsigma = (x - D(x, sigma)) / sigma from sigma_max to 0."""
     smax, smin, rho = teacher.sigma_max, teacher.sigma_min, 7.0
-    ramp = torch.linspace(0, 1, num_steps)
+    ramp = torch.linspace(0, 1, num_steps, device=z.device)
     sig = (smax ** (1 / rho) + ramp * (smin ** (1 / rho) - smax ** (1 / rho))) ** rho
-    sig = torch.cat([sig, torch.zeros(1)])
+    sig = torch.cat([sig, torch.zeros(1, device=z.device)])
     x = z * sig[0]
     for i in range(num_steps):
         d = teacher.denoise(x, sig[i], cond, guidance_scale)

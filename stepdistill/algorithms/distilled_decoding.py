@@ -97,7 +97,7 @@ def flow_time_grid(num_steps: int, t_min: float = 1e-3, rho: float = 3.0, dtype=
     """Descending times ``1 = t_0 > ... > t_N = t_min`` (EDM-style ``rho`` spacing, dense near 0)."""
     if num_steps < 1:
         raise ValueError(f"flow num_steps must be >= 1, got {num_steps}")
-    k = torch.arange(num_steps + 1, dtype=dtype) / num_steps
+    k = torch.arange(num_steps + 1, dtype=dtype, device="cpu") / num_steps  # a host table of times
     return (1.0 + k * (t_min ** (1.0 / rho) - 1.0)) ** rho
 
 
@@ -212,6 +212,7 @@ class PairSet:
         self.key = hashlib.sha256(text.encode()).hexdigest()[:16]
         self.folder = Path(root) / self.key
         self.shard_size = int(self.settings["shard_size"])
+        self._handles: dict = {}  # open shard files of rows()
 
     # -- files --------------------------------------------------------------------------------------
     def shard_path(self, i: int) -> Path:
@@ -247,9 +248,9 @@ class PairSet:
     ) -> tuple[Tensor, Tensor]:
         """The noise (rounded to the storage dtype, returned as float32) and labels of shard ``i``."""
         g = torch.Generator().manual_seed(derive_seed("dd-pairs", int(self.settings["seed"]), i))
-        noise = torch.randn(self.shard_size, num_tokens, embed_dim, generator=g)
+        noise = torch.randn(self.shard_size, num_tokens, embed_dim, generator=g, device="cpu")  # stored on disk
         noise = noise.to(DTYPES[self.settings["storage_dtype"]]).float()
-        labels = torch.arange(i * self.shard_size, (i + 1) * self.shard_size) % num_classes
+        labels = torch.arange(i * self.shard_size, (i + 1) * self.shard_size, device="cpu") % num_classes
         return noise, labels
 
     def generate(
@@ -267,8 +268,10 @@ class PairSet:
     ) -> int:
         """Write the missing shards of the first ``num_pairs`` pairs; returns how many were written.
 
-        Process ``rank`` of ``world`` starts with the shards ``rank, rank + world, ...`` and then
-        fills in any still missing (writes are atomic; a duplicate write is identical).
+        Process ``rank`` of ``world`` starts with the shards ``rank, rank + world, ...``, meets the
+        others at a barrier (when a process group is initialised) and then fills in any still
+        missing (writes are atomic; a duplicate write is identical).  The teacher runs on its own
+        device (the caller moves it there first).
         ``max_new_shards`` stops early (to test resumption)."""
         from safetensors.torch import save_file
 
@@ -279,12 +282,15 @@ class PairSet:
         bs = int(batch_size or self.shard_size)
         written = 0
         settings = {k: self.settings[k] for k in ("guidance_scale", "temperature", "top_k", "top_p")}
+        own = len(range(rank, total, world))
         iterator = order
         if progress:
             from tqdm.auto import tqdm
 
             iterator = tqdm(order, desc="dd pairs", leave=False)
-        for i in iterator:
+        for pos, i in enumerate(iterator):
+            if pos == own and world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+                torch.distributed.barrier()  # the others' shards are theirs to make first
             if self.shard_path(i).exists():
                 continue
             if max_new_shards is not None and written >= max_new_shards:
@@ -337,27 +343,60 @@ class PairSet:
         return out
 
 
+    def rows(self, index: Tensor | list[int], num_pairs: int) -> dict[str, Tensor]:
+        """Rows ``index`` of the first ``num_pairs`` pairs, read from their shards alone (memory-mapped
+        slices; a few files kept open): ``noise`` float32, ``tokens`` / ``labels`` int64."""
+        from safetensors import safe_open
+
+        handles = self._handles
+        idx = [int(i) for i in (index.tolist() if isinstance(index, Tensor) else index)]
+        if any(not 0 <= i < num_pairs for i in idx):
+            raise IndexError(f"pair rows must lie in [0, {num_pairs})")
+        parts: dict[str, list[Tensor]] = {"noise": [], "tokens": [], "labels": []}
+        for r in idx:
+            s, j = divmod(r, self.shard_size)
+            f = handles.get(s)
+            if f is None:
+                if not self.shard_path(s).exists():
+                    raise FileNotFoundError(f"pair set {self.folder} is missing shard {s}")
+                if len(handles) >= 16:
+                    handles.pop(next(iter(handles)))
+                f = handles[s] = safe_open(str(self.shard_path(s)), framework="pt", device="cpu")
+            for k in parts:
+                parts[k].append(f.get_slice(k)[j : j + 1])
+        return {"noise": torch.cat(parts["noise"]).float(), "tokens": torch.cat(parts["tokens"]).long(),
+                "labels": torch.cat(parts["labels"]).long()}
+
+
 class PairSource(BatchSource):
     """Batches of pairs for the generic loop: epoch permutations over the pair set (exact resume).
 
-    ``batch(...)`` -> ``{"real": None, "raw_cond": labels, "noise": (B, n, d), "tokens": (B, n)}``.
+    ``batch(...)`` -> ``{"real": None, "raw_cond": labels, "noise": (B, n, d), "tokens": (B, n)}``,
+    the rows read from their shards only (a rank never loads the whole set).  ``prepare`` (called
+    once, at the first batch -- inside the trainer, after it moved the teacher to its device)
+    generates the missing shards.
     """
 
-    def __init__(self, pairs: dict[str, Tensor], seed: int = 0):
-        self.pairs = pairs
+    def __init__(self, pair_set: PairSet, num_pairs: int, seed: int = 0, prepare: Callable[[], Any] | None = None):
+        self.pair_set, self.num_pairs = pair_set, int(num_pairs)
         self.seed = int(seed)
-        self._plan = EpochPermutation(int(pairs["tokens"].shape[0]), self.seed, "dd-pair-source")
+        self._prepare = prepare
+        self._plan = EpochPermutation(self.num_pairs, self.seed, "dd-pair-source")
 
     def __len__(self) -> int:
-        return int(self.pairs["tokens"].shape[0])
+        return self.num_pairs
 
     def batch(self, step: int, rank: int, world: int, batch_size: int) -> dict:
+        if self._prepare is not None:
+            self._prepare()
+            self._prepare = None
         idx = self._plan.indices(step, rank, world, batch_size)
+        rows = self.pair_set.rows(idx, self.num_pairs)
         return {
             "real": None,
-            "raw_cond": self.pairs["labels"][idx],
-            "noise": self.pairs["noise"][idx],
-            "tokens": self.pairs["tokens"][idx],
+            "raw_cond": rows["labels"],
+            "noise": rows["noise"],
+            "tokens": rows["tokens"],
             "batch_size": batch_size,
         }
 
@@ -522,8 +561,9 @@ class DistilledDecoding(Distiller):
         self.scale = codebook_scale_of(teacher.codebook, c.codebook_scale)
         codes = (teacher.codebook.detach().float() * self.scale).cpu()
         self.student = DDStudent.from_teacher(teacher, codes, sp, self.scale, c.rbf_tau)
-        self._pairs: dict[str, Tensor] | None = None
+        self._pairs: dict[str, Tensor] | None = None  # the whole set, only when a tool asks (ensure_pairs)
         self._pair_set: PairSet | None = None
+        self._pairs_ready = False
 
     # -- pairs ----------------------------------------------------------------------------------------
     @property
@@ -559,9 +599,20 @@ class DistilledDecoding(Distiller):
         return self._pair_set
 
     def ensure_pairs(
-        self, rank: int = 0, world: int = 1, progress: bool = False, log=None
-    ) -> dict[str, Tensor]:
-        """Generate the missing shards (resumable) and load the pair set into memory."""
+        self, rank: int = 0, world: int = 1, progress: bool = False, log=None, load: bool = True
+    ) -> dict[str, Tensor] | None:
+        """Generate the missing shards (resumable; on the teacher's current device) and, with
+        ``load``, load the whole pair set into memory (tools and tests; training streams rows)."""
+        if not load:
+            if not self._pairs_ready:
+                ps = self.pair_set()
+                if not ps.is_complete(self.config.num_pairs):
+                    codes = self.student.codes.to(self.teacher.device)
+                    ps.generate(self.teacher, self.config.num_pairs, codes, self.flow_kwargs,
+                                batch_size=self.config.generation_batch_size, rank=rank, world=world,
+                                progress=progress, log=log)
+                self._pairs_ready = True
+            return None
         if self._pairs is None:
             ps = self.pair_set()
             if not ps.is_complete(self.config.num_pairs):
@@ -578,10 +629,14 @@ class DistilledDecoding(Distiller):
                     log=log,
                 )
             self._pairs = ps.load(self.config.num_pairs)
+            self._pairs_ready = True
         return self._pairs
 
     def make_source(self, seed: int = 0, **kwargs: Any) -> PairSource:
-        return PairSource(self.ensure_pairs(**kwargs), seed=seed)
+        """The pair source: shards are generated at its first batch (lazily, on the teacher's device
+        once the trainer has moved it; ``kwargs`` go to :meth:`ensure_pairs`) and streamed."""
+        return PairSource(self.pair_set(), self.config.num_pairs, seed=seed,
+                          prepare=lambda: self.ensure_pairs(**kwargs, load=False))
 
     # -- Distiller interface -------------------------------------------------------------------------
     def trainable(self) -> dict[str, nn.Module]:
@@ -592,17 +647,14 @@ class DistilledDecoding(Distiller):
 
     def _batch_pairs(self, batch: dict, device) -> tuple[Tensor, Tensor, Tensor]:
         if batch.get("tokens") is not None and batch.get("noise") is not None:
-            labels = torch.as_tensor(batch["raw_cond"]).long()
+            labels = torch.as_tensor(batch["raw_cond"], device=device).long()
             return batch["noise"].float().to(device), batch["tokens"].long().to(device), labels.to(device)
         # a plain (condition) source: draw pairs from the set (the loop seeds torch per step)
-        pairs = self.ensure_pairs()
+        self.ensure_pairs(load=False)
         b = int(batch.get("batch_size") or len(batch.get("raw_cond") or []) or 32)
-        idx = torch.randint(0, pairs["tokens"].shape[0], (b,))
-        return (
-            pairs["noise"][idx].to(device),
-            pairs["tokens"][idx].to(device),
-            pairs["labels"][idx].to(device),
-        )
+        idx = torch.randint(0, self.config.num_pairs, (b,), device="cpu")  # host indices into the shards
+        rows = self.pair_set().rows(idx, self.config.num_pairs)
+        return rows["noise"].to(device), rows["tokens"].to(device), rows["labels"].to(device)
 
     def loss(self, batch: dict, step: int, group: str, cache: dict) -> LossOutput:
         device = self.student.codes.device
@@ -639,9 +691,9 @@ class DistilledDecoding(Distiller):
         return self.make_source(seed=train_cfg.seed, rank=rank, world=world, progress=train_cfg.progress)
 
     def sample_images(self, n: int, generator=None) -> Tensor:
-        labels = torch.arange(n) % self.teacher.num_classes
-        z = torch.randn((n, *self.student.sample_shape), generator=generator)
         device = self.student.codes.device
+        labels = torch.arange(n, device=device) % self.teacher.num_classes
+        z = torch.randn((n, *self.student.sample_shape), generator=generator, device="cpu")  # seeded on the host
         was = self.student.training
         self.student.eval()
         with torch.no_grad():

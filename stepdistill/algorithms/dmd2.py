@@ -32,6 +32,7 @@ from .common import (
     BottleneckFeatures,
     GANHead,
     GeneratorOptions,
+    RegressionPairs,
     batch_size_of,
     critic_denoising_loss,
     default_weighting,
@@ -43,7 +44,6 @@ from .common import (
     nonsaturating_g_loss,
     per_sample_mean_abs,
     sample_timestep_indices,
-    teacher_pairs,
 )
 
 
@@ -65,6 +65,11 @@ class DMD2Config(GeneratorOptions):
     regression_sampler: str = "ddim"
     regression_sampler_steps: int = 10
     regression_lr_scale: float = 1.0  # generator lr multiplier during the regression stage
+    regression_prompts: str | list | None = None  # text teachers: prompt file / list of the pairs (None = run's source)
+    regression_seed: int = 1234  # noise (and class labels) of the pairs
+    regression_shard_size: int = 256  # pairs per shard file
+    regression_batch_size: int = 32  # teacher samples per generation call
+    pairs_dir: str | None = None  # pair-set root; None = $STEPDISTILL_CACHE/regression-pairs
     generator_lr: float = 1e-5
     critic_lr: float = 1e-4
 
@@ -95,12 +100,32 @@ class DMD2(Distiller):
             self.features = BottleneckFeatures(self.critic)
             example = teacher.null_condition(1)
             self.critic_group["gan_head"] = GANHead(gan_feature_shape(self.critic, self.features, example))
-        self.pairs = None
-        if c.regression_steps > 0:
-            self.pairs = teacher_pairs(
-                teacher, c.regression_pairs, c.regression_sampler_steps, c.regression_sampler,
-                guidance_scale=c.real_guidance_scale,
+        self._regression: RegressionPairs | None = None  # made on first use, on the teacher's device
+
+    # -- regression pairs -------------------------------------------------------------------------
+    def regression_pairs(self) -> RegressionPairs:
+        """The regression set, its missing shards generated now (on the teacher's current device;
+        this process's share first).  Text teachers: the prompts come from
+        ``regression_prompts`` or the run's prompt source (:meth:`build_source`), sampled with CFG
+        ``real_guidance_scale``."""
+        if self._regression is None:
+            c = self.config
+            source = getattr(self, "condition_source", None)
+            if c.regression_prompts is not None:
+                from ..data.sources import PromptSource
+
+                source = PromptSource(c.regression_prompts, seed=c.regression_seed)
+            text = self.teacher.random_raw_conditions(1, torch.Generator().manual_seed(0)) is None
+            self._regression = RegressionPairs(
+                self.teacher, c.regression_pairs, num_steps=c.regression_sampler_steps, sampler=c.regression_sampler,
+                guidance_scale=c.real_guidance_scale, seed=c.regression_seed, shard_size=c.regression_shard_size,
+                batch_size=c.regression_batch_size, root=c.pairs_dir, prompt_source=source if text else None,
             )
+        return self._regression.ensure()
+
+    def on_step_begin(self, step: int, is_main: bool) -> None:
+        if self.config.regression_steps > 0 and self.stage(step)[0] == "regression":
+            self.regression_pairs()
 
     # -- interface ----------------------------------------------------------------------------
     def trainable(self) -> dict[str, nn.Module]:
@@ -150,7 +175,7 @@ class DMD2(Distiller):
         """DMD2 §3.6: roll the current student out k steps without grad (k shared across ranks,
         drawn from the step number), re-noise with fresh noise, then one step with grad."""
         gen = self.generator
-        k = int(torch.randint(0, gen.num_steps, (1,), generator=torch.Generator().manual_seed(step)))
+        k = int(torch.randint(0, gen.num_steps, (1,), generator=torch.Generator().manual_seed(step), device="cpu"))
         x = gen.start(z)
         if k > 0:
             with torch.no_grad():
@@ -167,12 +192,14 @@ class DMD2(Distiller):
         return self._critic_loss(batch, step, cache)
 
     def _regression_loss(self, batch: dict) -> LossOutput:
-        p = self.pairs
+        p = self.regression_pairs()
         n = batch_size_of(batch)
-        idx = torch.randint(0, p["noise"].shape[0], (n,))
-        cond = self.teacher.encode_conditions(p["raw_cond"][idx]) if "raw_cond" in p else None
-        x = self.generator(p["noise"][idx].to(self.teacher.sigmas.device), cond)
-        loss = torch.nn.functional.mse_loss(x, p["x0"][idx].to(x.device))
+        device = self.teacher.sigmas.device
+        idx = torch.randint(0, p.num_rows, (n,), device="cpu")  # host indices: rows are read from disk
+        noise, x0, raw = p.rows(idx, device)
+        cond = self.teacher.encode_conditions(raw) if raw is not None else None
+        x = self.generator(noise, cond)
+        loss = torch.nn.functional.mse_loss(x, x0)
         return LossOutput(loss, {"regression": loss.detach()})
 
     def _generator_loss(self, batch, step, cache) -> LossOutput:

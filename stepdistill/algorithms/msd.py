@@ -26,7 +26,7 @@ from torch import nn
 from ..teachers.base import DelegatingTeacher, DiffusionTeacher, append_dims
 from . import REGISTRY, register
 from .base import Distiller, LossOutput
-from .common import batch_size_of, denoising_weight, teacher_pairs
+from .common import RegressionPairs, batch_size_of, denoising_weight
 
 # ---------------------------------------------------------------------------------------------
 # partitions
@@ -138,8 +138,11 @@ class MSD(Distiller):
         pairs = None
         if getattr(base_cfg, "regression_steps", 0) > 0:
             n_pairs = c.shared_regression_pairs or base_cfg.regression_pairs
-            pairs = teacher_pairs(teacher, n_pairs, base_cfg.regression_sampler_steps, base_cfg.regression_sampler,
-                                  guidance_scale=base_cfg.real_guidance_scale)
+            # one set shared by the students (made on first use, on the teacher's device)
+            pairs = RegressionPairs(teacher, n_pairs, num_steps=base_cfg.regression_sampler_steps,
+                                    sampler=base_cfg.regression_sampler, guidance_scale=base_cfg.real_guidance_scale,
+                                    seed=base_cfg.regression_seed, shard_size=base_cfg.regression_shard_size,
+                                    batch_size=base_cfg.regression_batch_size, root=base_cfg.pairs_dir)
             base_cfg.regression_pairs = 1  # each student gets the shared set below instead of its own
         self.small = c.width_multiplier != 1.0
         students = []
@@ -149,7 +152,7 @@ class MSD(Distiller):
                 src = _StudentTeacher(teacher, smaller_copy(teacher, c.width_multiplier))
             s = base_cls(src, base_cfg)
             if pairs is not None:
-                s.pairs = pairs  # shared, unfiltered (paper App. B.2)
+                s._regression = pairs  # shared, unfiltered (paper App. B.2)
             if self.small:
                 s.teacher = teacher  # the real score is always the real teacher
             students.append(s)
@@ -239,11 +242,14 @@ class MSD(Distiller):
         """The grid with each class routed to its student (one noise draw for the whole grid)."""
         gens = self.generator_for_export()
         raw = self.grid_conditions(n, generator)
-        z = torch.randn((n, *gens[0].sample_shape), generator=generator)
+        device = self.teacher.sigmas.device
+        # seeded CPU noise, moved to the students' device (the same grid on every device)
+        z = torch.randn((n, *gens[0].sample_shape), generator=generator, device="cpu").to(device)
         x0 = torch.zeros_like(z)
         with torch.no_grad():
             for k, student in enumerate(gens):
-                idx = torch.tensor([i for i in range(n) if self.route[int(raw[i])] == k], dtype=torch.long)
+                idx = torch.tensor([i for i in range(n) if self.route[int(raw[i])] == k], dtype=torch.long,
+                                   device=device)
                 if len(idx):
                     was = student.training
                     student.eval()
@@ -268,8 +274,8 @@ class MSD(Distiller):
     # -- data filtering ------------------------------------------------------------------------
     def _slice_batch(self, batch: dict, k: int, n: int) -> dict:
         """Conditions drawn uniformly from student k's classes; real data filtered to them."""
-        classes = torch.tensor(self.classes[k])
-        idx = torch.randint(0, len(classes), (n,))
+        classes = torch.tensor(self.classes[k], device="cpu")  # raw conditions are host data
+        idx = torch.randint(0, len(classes), (n,), device="cpu")
         out = {"raw_cond": classes[idx], "batch_size": n, "real": None}
         real, labels = batch.get("real"), batch.get("raw_cond")
         if real is not None and labels is not None:
@@ -301,7 +307,7 @@ class MSD(Distiller):
             raise ValueError("MSD teacher-score-matching (width_multiplier < 1) noises real images: set train.dataset")
         n = x0.shape[0]
         cond = self.teacher.encode_conditions(sb["real_raw_cond"])
-        idx = torch.randint(0, self.teacher.num_train_timesteps, (n,))
+        idx = torch.randint(0, self.teacher.num_train_timesteps, (n,), device=x0.device)
         sigma = self.teacher.sigmas[idx]
         xt = self.teacher.add_noise(x0, sigma)
         with torch.no_grad():

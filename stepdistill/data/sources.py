@@ -88,7 +88,7 @@ class EpochPermutation:
         perm = self._cache.get(epoch)
         if perm is None:
             g = torch.Generator().manual_seed(derive_seed(self.salt, self.seed, "epoch", epoch))
-            perm = torch.randperm(self.n, generator=g)
+            perm = torch.randperm(self.n, generator=g, device="cpu")  # host indices
             self._cache[epoch] = perm
             while len(self._cache) > 2:
                 self._cache.popitem(last=False)
@@ -97,10 +97,10 @@ class EpochPermutation:
     def indices(self, step: int, rank: int, world: int, batch_size: int) -> Tensor:
         _check_batch_args(step, rank, world, batch_size)
         start = (step * world + rank) * batch_size
-        pos = torch.arange(start, start + batch_size, dtype=torch.long)
+        pos = torch.arange(start, start + batch_size, dtype=torch.long, device="cpu")
         epoch = pos // self.n
         offset = pos % self.n
-        out = torch.empty(batch_size, dtype=torch.long)
+        out = torch.empty(batch_size, dtype=torch.long, device="cpu")
         for e in torch.unique(epoch).tolist():
             mask = epoch == e
             out[mask] = self._perm(int(e))[offset[mask]]

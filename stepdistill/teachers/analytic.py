@@ -123,7 +123,7 @@ class GaussianMixtureTeacher(DiffusionTeacher):
         """Component ids drawn by weight; None for an unconditional mixture (``conditional=False``)."""
         if not self.conditional:
             return None
-        return torch.multinomial(self.weights.cpu(), n, replacement=True, generator=generator)
+        return torch.multinomial(self.weights.cpu(), n, replacement=True, generator=generator)  # host data
 
     def _component_logits(self, x_flat: Tensor, sigma: Tensor) -> Tensor:
         var = self.stds[None, :] ** 2 + sigma[:, None] ** 2  # (B, K)
@@ -357,7 +357,8 @@ class LearnedScoreTeacher(DiffusionTeacher):
             cache[key] = net
         self.net = cache[key]
         object.__setattr__(self, "mixture", mixture)  # outside the module tree: not a parameter holder
-        self.sigmas = mixture.sigmas
+        # a buffer, so that it follows .to(device) (the mixture itself stays outside the module tree)
+        self.register_buffer("sigmas", mixture.sigmas.clone(), persistent=False)
         self.sample_shape = mixture.sample_shape
         self.num_classes = mixture.num_classes
         self.conditional = mixture.conditional

@@ -275,7 +275,7 @@ class ARTeacher(nn.Module):
         return labels.to(self.device)
 
     def random_raw_conditions(self, n: int, generator: torch.Generator | None = None) -> Tensor:
-        return torch.randint(0, self.num_classes, (n,), generator=generator)
+        return torch.randint(0, self.num_classes, (n,), generator=generator, device="cpu")  # host data
 
     # -- logits -----------------------------------------------------------------------------------
     def forward_logits(self, tokens: Tensor, labels: Tensor) -> Tensor:

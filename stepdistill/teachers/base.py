@@ -223,10 +223,15 @@ class DelegatingTeacher(DiffusionTeacher):
     def __init__(self, inner: DiffusionTeacher):
         super().__init__()
         self.inner = inner
-        self.sigmas = inner.sigmas
         self.sample_shape = inner.sample_shape
         self.guidance_scale = inner.guidance_scale
         self.embedded_guidance = inner.embedded_guidance
+
+    @property
+    def sigmas(self) -> Tensor:
+        """The inner teacher's noise levels, read through: they follow ``.to(device)`` (a plain
+        attribute copied at construction would stay on the CPU)."""
+        return self.inner.sigmas
 
     def __getattr__(self, name):
         try:

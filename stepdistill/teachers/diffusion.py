@@ -558,7 +558,7 @@ class DiffusersTeacher(DiffusionTeacher):
 
     def random_raw_conditions(self, n: int, generator: torch.Generator | None = None):
         if self.num_classes is not None:
-            return torch.randint(0, self.num_classes, (n,), generator=generator)
+            return torch.randint(0, self.num_classes, (n,), generator=generator, device="cpu")  # host data
         return None
 
     def _default_cond(self, cond: Cond | None, batch_size: int) -> Cond | None:

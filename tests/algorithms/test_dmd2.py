@@ -62,8 +62,11 @@ def test_dmd2_ttur_phases(teacher):
 
 
 def test_dmd2_regression_stage_then_dmd(teacher):
-    d = fast_build("dmd2", teacher, regression_steps=2, regression_pairs=64, regression_sampler_steps=4)
-    assert d.pairs["noise"].shape == (64, 2) and d.pairs["x0"].shape == (64, 2)
+    d = fast_build("dmd2", teacher, regression_steps=2, regression_pairs=64, regression_sampler_steps=4,
+                   regression_shard_size=16)
+    assert d._regression is None  # nothing made at construction
+    rows = d.regression_pairs().store.rows(list(range(64)))
+    assert rows["noise"].shape == (64, 2) and rows["x0"].shape == (64, 2) and d.regression_pairs().store.num_shards == 4
     assert d.phase(0) == ["generator"] and d.phase(1) == ["generator"]
     out = d.loss(make_batch(teacher), 0, "generator", {})
     assert "regression" in out.logs

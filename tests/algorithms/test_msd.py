@@ -169,6 +169,7 @@ def test_loss_sees_only_the_students_conditions(teacher, monkeypatch):
 def test_regression_pairs_are_shared_and_unfiltered(teacher):
     d = _msd(teacher, base_params={**BASE, "regression_steps": 1, "regression_pairs": 8, "regression_sampler_steps": 2},
              shared_regression_pairs=16)
-    pairs = [s.pairs for s in d.students]
-    assert pairs[0] is pairs[1] and pairs[0]["noise"].shape[0] == 16
-    assert set(pairs[0]["raw_cond"].tolist()) - set(d.classes[0])  # holds other students' classes too
+    pairs = [s.regression_pairs() for s in d.students]
+    assert pairs[0] is pairs[1] and pairs[0].num_rows == 16
+    labels = pairs[0].store.rows(list(range(16)))["raw_cond"]
+    assert set(labels.tolist()) - set(d.classes[0])  # holds other students' classes too
