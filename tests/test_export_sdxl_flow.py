@@ -139,6 +139,7 @@ def test_folders_are_stock_and_cards_carry_the_call(cases):
         sched = json.loads(open(f"{folder}/scheduler/scheduler_config.json").read())
         meta = case["meta"]
         assert sched["_stepdistill_timesteps"] == meta["timesteps"]
+        assert sched["_stepdistill_pipeline_call"] == meta["pipeline_call"]
         card = open(f"{folder}/README.md").read()
         assert f'{pipe_cls}.from_pretrained("{folder}")' in card
         if case["family"] in ("sd3", "flux"):

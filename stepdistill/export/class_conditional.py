@@ -21,6 +21,7 @@ from pathlib import Path
 from torch import nn
 
 from .common import (
+    SCHEDULER_CALL_KEY,
     SCHEDULER_NUM_CLASSES_KEY,
     ExportError,
     atomic_output_dir,
@@ -216,6 +217,7 @@ def export_dit_student(generator, teacher, out: Path, *, algorithm: str, paper: 
                         name=teacher_name, extra=extra, metrics=metrics, snippet=snippet,
                         ema=use_ema_state is not None)
     meta["pipeline_call"] = {"guidance_scale": 1.0, "num_inference_steps": len(timesteps)}
+    scheduler.register_to_config(**{SCHEDULER_CALL_KEY: meta["pipeline_call"]})
     card = student_card(meta, snippet, [note])
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         pipe = DiTPipeline(transformer=student_network(generator, use_ema_state),

@@ -19,6 +19,8 @@ import torch
 from torch import nn
 
 SCHEDULER_TIMESTEPS_KEY = "_stepdistill_timesteps"
+SCHEDULER_SIGMAS_KEY = "_stepdistill_sigmas"  # flow-matching students: the stock call's sigmas=
+SCHEDULER_CALL_KEY = "_stepdistill_pipeline_call"  # stock pipelines: the __call__ kwargs that run the student
 SCHEDULER_NUM_CLASSES_KEY = "_stepdistill_num_classes"  # stock class-conditional folders (no pipeline config)
 METADATA_FILE = "stepdistill.json"
 TEXT_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "StableDiffusion3Pipeline", "FluxPipeline")
@@ -325,7 +327,6 @@ def lcm_default_reproduces(scheduler, timesteps: list[int]) -> bool:
     return [int(t) for t in probe.timesteps] == list(timesteps)
 
 
-SCHEDULER_SIGMAS_KEY = "_stepdistill_sigmas"
 
 
 def flow_sigmas(generator) -> list[float]:

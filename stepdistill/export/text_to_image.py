@@ -38,6 +38,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .common import (
+    SCHEDULER_CALL_KEY,
     SCHEDULER_TIMESTEPS_KEY,
     SUPPORTED,
     atomic_output_dir,
@@ -202,6 +203,7 @@ def export_text_student(generator, teacher, out: Path, *, algorithm: str, paper:
     timesteps = training_timesteps(generator)
     scheduler = _scheduler(generator, family)
     call = pipeline_call(generator, teacher, family, parts, scheduler)
+    scheduler.register_to_config(**{SCHEDULER_CALL_KEY: call})  # for tools that sample the folder (eval)
     embedded = bool(getattr(den, "embedded_guidance", False))
     adapter = has_adapters(unwrap(den.model))
     if lora == "adapter" and not adapter:
