@@ -15,9 +15,15 @@ import textwrap
 import numpy as np
 import pytest
 import torch
-from diffusers import DDPMScheduler, FluxPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers import (
+    DDPMScheduler,
+    FluxPipeline,
+    StableDiffusion3Pipeline,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+)
 from safetensors.torch import load_file, save_file
-from test_teachers_sd3_flux import flux_parts  # noqa: I001
+from test_teachers_sd3_flux import flux_parts, sd3_parts  # noqa: I001
 from test_teachers_sdxl import PROMPTS, sdxl_parts
 
 from stepdistill.algorithms import build
@@ -120,14 +126,18 @@ def _train(teacher, ts, steps=2, lr=1e-2, lora=LORA, name="dmd2"):
 
 @pytest.fixture(scope="module")
 def exported(sd_dir, sd_teacher, tmp_path_factory):
-    """LoRA students of SD (1 step), SDXL (4 steps) and FLUX-dev (2 steps), exported by Distiller.export."""
+    """LoRA students of SD (1 step), SDXL (4 steps), SD3 (2 steps) and FLUX-dev (2 steps), exported by
+    Distiller.export."""
     tmp = tmp_path_factory.mktemp("lora")
     StableDiffusionXLPipeline(**sdxl_parts(tmp)).save_pretrained(tmp / "sdxl")
     FluxPipeline(**flux_parts(tmp, True)).save_pretrained(tmp / "flux")
+    StableDiffusion3Pipeline(**sd3_parts(tmp)).save_pretrained(tmp / "sd3")
     plans = {
         "sd": (sd_dir, sd_teacher, [899], "StableDiffusionPipeline", "LCMScheduler"),
         "sdxl": (tmp / "sdxl", DiffusersTeacher.from_pretrained(tmp / "sdxl", guidance_scale=5.0),
                  [999, 749, 499, 249], "StableDiffusionXLPipeline", "LCMScheduler"),
+        "sd3": (tmp / "sd3", DiffusersTeacher.from_pretrained(tmp / "sd3"), [999, 499], "StableDiffusion3Pipeline",
+                "FlowMatchEulerDiscreteScheduler"),
         "flux": (tmp / "flux", DiffusersTeacher.from_pretrained(tmp / "flux", sample_shape=(4, 8, 8)),
                  [999, 499], "FluxPipeline", "FlowMatchEulerDiscreteScheduler"),
     }
@@ -139,7 +149,7 @@ def exported(sd_dir, sd_teacher, tmp_path_factory):
         meta = json.loads((folder / "stepdistill.json").read_text())
         cond = teacher.encode_conditions(PROMPTS)
         with torch.no_grad():
-            if fam == "flux":  # latents and re-noising from the global RNG (the stock FLUX pipeline's draw)
+            if fam in ("sd3", "flux"):  # latents and re-noising from the global RNG (the stock pipelines' draw)
                 torch.manual_seed(11)
                 z = torch.randn((2, *teacher.sample_shape))
                 ref = gen(z, cond)
@@ -187,7 +197,7 @@ FRESH = textwrap.dedent(
             else:
                 pipe = pipe_cls.from_pretrained(case["folder"])
             pipe.set_progress_bar_config(disable=True)
-            if name == "flux":
+            if name in ("sd3", "flux"):
                 torch.manual_seed(11)
                 out = pipe(prompts, output_type="latent", **case["call"]).images
             else:
@@ -232,8 +242,8 @@ def test_lora_on_the_stock_teacher_pipeline_equals_the_student(exported, tmp_pat
             net = case["algo"].generator.denoiser.model
             net.disable_adapters()
             try:
-                kw = {} if fam == "flux" else {"generator": torch.Generator().manual_seed(5)}
-                if fam == "flux":
+                kw = {} if fam in ("sd3", "flux") else {"generator": torch.Generator().manual_seed(5)}
+                if fam in ("sd3", "flux"):
                     torch.manual_seed(11)
                     torch.randn((2, *case["teacher"].sample_shape))
                 plain = case["algo"].generator(case["z"], case["teacher"].encode_conditions(PROMPTS), **kw)
@@ -310,3 +320,30 @@ def test_a_teacher_with_a_users_lora_is_fused_then_distilled(sd_dir, tmp_path):
     out = algo.export(tmp_path / "few-step-lora")
     assert (out / "pytorch_lora_weights.safetensors").exists()
     assert f'from_pretrained("{fused_dir}")' in (out / "README.md").read_text()
+
+
+def test_dit_lora_students_are_exported_fused(tmp_path):
+    """DiTPipeline has no LoRA loader: the adapter is folded into a stock DiTPipeline folder."""
+    from diffusers import DiTPipeline
+    from test_export_sdxl_flow import LABELS, _dit_teacher
+
+    teacher = _dit_teacher()
+    algo = build("dmd2", teacher, {"generator_timesteps": [749], "real_guidance_scale": 2.0, "update_ratio": 1,
+                                   "generator_lora": {"rank": 2}})
+    labels = torch.tensor(LABELS)
+    opt = torch.optim.AdamW([p for p in algo.generator.parameters() if p.requires_grad], lr=1e-2)
+    algo.loss({"raw_cond": labels}, 0, "generator", {}).loss.backward()
+    opt.step()
+    with pytest.raises(ValueError, match="no LoRA loader"):
+        export_generator(algo.generator, teacher, tmp_path / "a", algorithm="dmd2", lora="adapter")
+    out = algo.export(tmp_path / "dit")
+    assert not (out / "pytorch_lora_weights.safetensors").exists()
+    pipe = DiTPipeline.from_pretrained(out)
+    pipe.set_progress_bar_config(disable=True)
+    assert not any("lora" in k for k in pipe.transformer.state_dict())
+    torch.manual_seed(11)
+    z = torch.randn((4, *teacher.sample_shape))
+    with torch.no_grad():
+        ref = (teacher.decode(algo.generator(z, teacher.encode_conditions(labels))) / 2 + 0.5).clamp(0, 1)
+        torch.manual_seed(11)
+        _close(pipe(class_labels=LABELS, guidance_scale=1.0, num_inference_steps=1, output_type="pt").images, ref)
