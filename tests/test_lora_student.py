@@ -347,3 +347,27 @@ def test_dit_lora_students_are_exported_fused(tmp_path):
         ref = (teacher.decode(algo.generator(z, teacher.encode_conditions(labels))) / 2 + 0.5).clamp(0, 1)
         torch.manual_seed(11)
         _close(pipe(class_labels=LABELS, guidance_scale=1.0, num_inference_steps=1, output_type="pt").images, ref)
+
+
+def test_trainer_checkpoints_resumes_and_exports_a_lora_student(sd_teacher, tmp_path):
+    """train() with EMA and checkpoints: the shared base weights save and load like any group."""
+    from stepdistill.config import TrainConfig
+    from stepdistill.training.loop import train
+
+    def run(steps):
+        algo = build("dmd2", sd_teacher, {"generator_timesteps": [899], "real_guidance_scale": 3.0,
+                                          "update_ratio": 1, "generator_lora": dict(LORA)})
+        cfg = TrainConfig(output_dir=str(tmp_path / "run"), max_steps=steps, batch_size=2, checkpoint_every_steps=2,
+                          ema_decay=0.9, report_to=None, progress=False, sample_every_steps=0, log_every_steps=1)
+        return algo, train(algo, algo.build_source(cfg), cfg)
+
+    run(2)
+    algo, result = run(4)
+    assert result["resumed_from"] and result["step"] == 4
+    net = algo.generator.denoiser.model
+    assert net.conv_in.weight is sd_teacher.model.conv_in.weight  # still shared after the resume
+    ema = result["ema"]
+    assert any("lora_B" in k for k in ema)
+    out = algo.export(tmp_path / "pipe", ema_state=ema)
+    state = load_file(out / "pytorch_lora_weights.safetensors")
+    assert state and json.loads((out / "stepdistill.json").read_text())["ema"] is True
