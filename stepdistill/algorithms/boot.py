@@ -28,11 +28,18 @@ from torch import nn
 from ..teachers.base import DiffusionTeacher, append_dims
 from . import register
 from .base import Distiller, LossOutput
-from .common import GeneratorOptions, batch_size_of, draw_conditions, make_generator
+from .common import (
+    GeneratorOptions,
+    MemoryOptions,
+    batch_size_of,
+    draw_conditions,
+    enable_gradient_checkpointing,
+    make_generator,
+)
 
 
 @dataclass
-class BOOTConfig(GeneratorOptions):
+class BOOTConfig(GeneratorOptions, MemoryOptions):
     step_size: int = 50  # Delta: s = t - step_size on the 1000-step index grid (T/Delta = 20 DDIM steps)
     query_timestep: int = 20  # timestep index the exported one-step student is evaluated at ("t ~ 0")
     guidance_scale: float | None = None  # CFG inside the teacher target; None = teacher's default
@@ -62,6 +69,7 @@ class BOOT(Distiller):
         # input and the network cannot express y.  The exported LCMScheduler gets prediction_type=sample.
         self.generator.denoiser.prediction_type = "sample"
         self.T = n - 1
+        enable_gradient_checkpointing(self, c.gradient_checkpointing)
 
     def trainable(self) -> dict[str, nn.Module]:
         return {"generator": self.generator}

@@ -20,7 +20,8 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -267,7 +268,8 @@ def bottleneck_module(denoiser: nn.Module) -> nn.Module:
     """The module whose output is the critic's bottleneck feature.
 
     diffusers UNets: ``mid_block``; DiT transformers: the last transformer block; the analytic
-    MLP denoiser: its last hidden activation.
+    MLP denoiser: its last hidden activation.  (:class:`BottleneckFeatures` prefers the teacher
+    adapter's own ``bottleneck()``, which also knows SD3/FLUX's image stream.)
     """
     model = getattr(denoiser, "model", None)
     if model is not None:
@@ -283,23 +285,103 @@ def bottleneck_module(denoiser: nn.Module) -> nn.Module:
     raise ValueError(f"cannot find a bottleneck in {type(denoiser).__name__}")
 
 
-class BottleneckFeatures:
-    """Capture the bottleneck output of a denoiser through a forward hook."""
+def _as_feature(output):
+    return output[0] if isinstance(output, (tuple, list)) else output
 
-    def __init__(self, denoiser: nn.Module):
-        self.module = bottleneck_module(denoiser)
+
+class _StopForward(Exception):
+    """Raised by the bottleneck hook once the feature is captured: the layers after it never run."""
+
+
+class BottleneckFeatures:
+    """Capture the bottleneck output of a denoiser through a forward hook.
+
+    The module and the map from its output to a feature come from the adapter's ``bottleneck()``
+    where it has one (UNet mid-block; DiT / SD3 / FLUX image tokens on the patch grid), else from
+    :func:`bottleneck_module`.  With ``stop=True`` (``algorithm.params.gan_stop_at_bottleneck``) the
+    hook raises a private exception after capturing, so the network's layers after the bottleneck
+    (a UNet's up-blocks, the remaining transformer blocks, the output head) are never computed --
+    nor back-propagated through.  The hook acts only inside :meth:`__call__`; other forwards of the
+    same network (the fake score's denoising loss) run whole.
+    """
+
+    def __init__(self, denoiser: nn.Module, stop: bool = True):
+        fn = getattr(denoiser, "bottleneck", None)
+        if callable(fn):
+            self.module, self.to_feature = fn()
+        else:
+            self.module, self.to_feature = bottleneck_module(denoiser), _as_feature
+        self.stop = bool(stop)
         self.feature: Tensor | None = None
+        self.armed = False
         self.module.register_forward_hook(self._hook)
 
     def _hook(self, module, args, output):
-        self.feature = output[0] if isinstance(output, (tuple, list)) else output
+        if not self.armed:
+            return
+        self.feature = self.to_feature(output)
+        if self.stop:
+            raise _StopForward
 
     def __call__(self, denoiser: DiffusionTeacher, x: Tensor, sigma: Tensor, cond: Cond | None) -> Tensor:
         self.feature = None
-        denoiser.denoise_raw(x, sigma, cond)
+        self.armed = True
+        try:
+            denoiser.denoise_raw(x, sigma, cond)
+        except _StopForward:
+            pass
+        finally:
+            self.armed = False
         if self.feature is None:
             raise RuntimeError("bottleneck hook did not fire")
         return self.feature
+
+
+# ---------------------------------------------------------------------------------------------
+# memory and compute levers
+
+
+@contextmanager
+def frozen(*modules: nn.Module):
+    """``requires_grad_(False)`` on the parameters of ``modules`` that require grad, restored on exit
+    (exactly those: a peft module's frozen base stays frozen).  A graph built inside still carries
+    gradients *through* the modules to their inputs (DMD2's GAN term reaches the generator through
+    the critic) but never materialises gradients for their weights."""
+    params = [p for m in modules for p in m.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
+@dataclass
+class MemoryOptions:
+    """Memory levers every score-distillation Config inherits (DMD2, VSD, BOOT; MSD and DisBack
+    through ``base_params``)."""
+
+    gradient_checkpointing: list = field(default_factory=list)  # groups whose diffusers networks checkpoint
+
+
+def enable_gradient_checkpointing(task: nn.Module, groups: list) -> None:
+    """Switch on diffusers' ``enable_gradient_checkpointing()`` in every network of the named
+    trainable groups (``algorithm.params.gradient_checkpointing``); a group without a network that
+    supports it is an error (it would silently save nothing)."""
+    if not groups:
+        return
+    available = task.trainable()
+    for g in groups:
+        if g not in available:
+            raise ValueError(f"algorithm.params.gradient_checkpointing names {g!r}; groups: {list(available)}")
+        n = 0
+        for m in available[g].modules():
+            if getattr(m, "_supports_gradient_checkpointing", False) and hasattr(m, "enable_gradient_checkpointing"):
+                m.enable_gradient_checkpointing()
+                n += 1
+        if n == 0:
+            raise ValueError(f"algorithm.params.gradient_checkpointing: group {g!r} holds no network that supports it")
 
 
 class GANHead(nn.Module):

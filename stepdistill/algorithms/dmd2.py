@@ -20,6 +20,7 @@ and a critic-only warm-up.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -29,14 +30,20 @@ from ..teachers.base import DiffusionTeacher, cond_index
 from . import register
 from .base import Distiller, LossOutput
 from .common import (
+    DEFAULT_LORA_TARGETS,
     BottleneckFeatures,
     GANHead,
+    GeneratorLoRA,
     GeneratorOptions,
+    MemoryOptions,
     RegressionPairs,
+    add_generator_lora,
     batch_size_of,
     critic_denoising_loss,
     default_weighting,
+    enable_gradient_checkpointing,
     frac_to_index,
+    frozen,
     gan_feature_shape,
     generate_cached,
     make_generator,
@@ -48,7 +55,7 @@ from .common import (
 
 
 @dataclass
-class DMD2Config(GeneratorOptions):
+class DMD2Config(GeneratorOptions, MemoryOptions):
     generator_timesteps: list = field(default_factory=lambda: [999])  # descending; >1 = multi-step student
     backward_simulation: bool = True  # multi-step: train on the student's own rollouts (paper §3.6)
     min_step_frac: float = 0.02  # DM timestep range: indices 20..980 of 1000
@@ -72,6 +79,10 @@ class DMD2Config(GeneratorOptions):
     pairs_dir: str | None = None  # pair-set root; None = $STEPDISTILL_CACHE/regression-pairs
     generator_lr: float = 1e-5
     critic_lr: float = 1e-4
+    # memory and compute levers (docs/training.md "Memory and compute levers")
+    critic_lora: dict | None = None  # {rank, alpha, target_modules, dropout}: LoRA fake score on the teacher's weights
+    no_grad_outside_phase: bool = True  # generator phase: no weight gradients for the critic (GAN term)
+    gan_stop_at_bottleneck: bool = True  # GAN forwards stop at the bottleneck the head reads
 
 
 @register
@@ -90,17 +101,44 @@ class DMD2(Distiller):
         if c.regression_steps > 0 and c.regression_pairs <= 0:
             raise ValueError("regression_steps > 0 needs regression_pairs > 0 (teacher noise-image pairs)")
         self.generator = make_generator(teacher, [int(t) for t in c.generator_timesteps], lora=c.generator_lora)
-        self.critic = teacher.trainable_copy()  # the fake score
+        self.critic = self._make_critic(teacher, c.critic_lora)  # the fake score
         self.weighting = c.critic_weighting or default_weighting(teacher)
         self.min_step = frac_to_index(teacher, c.min_step_frac)
         self.max_step = frac_to_index(teacher, c.max_step_frac)
         self.use_gan = c.gan_weight_g > 0
         self.critic_group = nn.ModuleDict({"score": self.critic})
         if self.use_gan:
-            self.features = BottleneckFeatures(self.critic)
+            self.features = BottleneckFeatures(self.critic, stop=c.gan_stop_at_bottleneck)
             example = teacher.null_condition(1)
             self.critic_group["gan_head"] = GANHead(gan_feature_shape(self.critic, self.features, example))
         self._regression: RegressionPairs | None = None  # made on first use, on the teacher's device
+        enable_gradient_checkpointing(self, c.gradient_checkpointing)
+
+    @staticmethod
+    def _make_critic(teacher: DiffusionTeacher, spec: dict | None) -> DiffusionTeacher:
+        """The fake score: a full trainable copy, or (``critic_lora``) a LoRA adapter whose frozen
+        base weights are the teacher's own tensors, in the teacher's dtype (one copy of the base in
+        memory, as SwiftBrush's LoRA teacher; the adapter trains in float32)."""
+        critic = teacher.trainable_copy()
+        if spec is None:
+            return critic
+        from ..config import from_dict
+
+        lora = from_dict(GeneratorLoRA, spec, prefix="algorithm.params.critic_lora.")
+        net = getattr(teacher, "model", None)
+        if not isinstance(net, nn.Module) or not isinstance(getattr(critic, "model", None), nn.Module):
+            raise ValueError(f"algorithm.params.critic_lora needs a diffusers teacher network; {type(teacher).__name__} has none")
+        if lora.rank < 1:
+            raise ValueError(f"algorithm.params.critic_lora.rank must be >= 1, got {lora.rank}")
+        if lora.target_modules is None:
+            lora.target_modules = list(DEFAULT_LORA_TARGETS)
+        dtype = next(net.parameters()).dtype
+        critic.model.to(dtype)  # same dtype as the teacher, so that the base tensors can be shared
+        add_generator_lora(critic, lora, share_with=net)
+        for name, p in critic.model.named_parameters():
+            if "lora_" in name:
+                p.data = p.data.float()
+        return critic
 
     # -- regression pairs -------------------------------------------------------------------------
     def regression_pairs(self) -> RegressionPairs:
@@ -219,8 +257,10 @@ class DMD2(Distiller):
         if self.use_gan:
             gidx = sample_timestep_indices(n, 0, frac_to_index(self.teacher, c.gan_max_step_frac), device=x.device)
             gs = self.teacher.sigmas[gidx]
-            feat = self.features(self.critic, self.critic.add_noise(x, gs), gs, cond)
-            g_gan = nonsaturating_g_loss(self.critic_group["gan_head"](feat))
+            # the gradient reaches x through the critic; its weights get none (they would be discarded)
+            with frozen(self.critic_group) if c.no_grad_outside_phase else nullcontext():
+                feat = self.features(self.critic, self.critic.add_noise(x, gs), gs, cond)
+                g_gan = nonsaturating_g_loss(self.critic_group["gan_head"](feat))
             loss = loss + c.gan_weight_g * g_gan
             logs["gan_g"] = g_gan.detach()
         return LossOutput(loss, logs)

@@ -27,8 +27,10 @@ from . import register
 from .base import Distiller, LossOutput
 from .common import (
     GeneratorOptions,
+    MemoryOptions,
     critic_denoising_loss,
     default_weighting,
+    enable_gradient_checkpointing,
     frac_to_index,
     generate_cached,
     make_generator,
@@ -37,7 +39,7 @@ from .common import (
 
 
 @dataclass
-class VSDConfig(GeneratorOptions):
+class VSDConfig(GeneratorOptions, MemoryOptions):
     generator_timesteps: list = field(default_factory=lambda: [999])
     min_step_frac: float = 0.02
     max_step_frac: float = 0.98
@@ -90,6 +92,7 @@ class VSD(Distiller):
         self.weighting = c.critic_weighting or default_weighting(teacher)
         self.min_step = frac_to_index(teacher, c.min_step_frac)
         self.max_step = frac_to_index(teacher, c.max_step_frac)
+        enable_gradient_checkpointing(self, c.gradient_checkpointing)
 
     def trainable(self) -> dict[str, nn.Module]:
         return {"generator": self.generator, "critic": self.critic}
