@@ -220,3 +220,32 @@ def test_bfloat16_teacher_with_float32_trainable_copies(tmp_path):
         out = d.loss({"raw_cond": PROMPTS[:2], "batch_size": 2}, 0, group, cache)
         assert torch.isfinite(out.loss) and out.loss.dtype == torch.float32
         out.loss.backward()
+
+
+def test_offloaded_frozen_parts_stay_in_cpu_memory(tmp_path):
+    """``offload_frozen_parts``: the text encoder and VAE leave the module tree (``.to(device)``
+    moves only the denoiser) and run on their input's device for one call, then return; results
+    equal the resident teacher's."""
+    ref = _sd_teacher(tmp_path)
+    teacher = _sd_teacher(tmp_path).offload_frozen_parts()
+    names = {n.split(".")[0] for n, _ in teacher.named_parameters()}
+    assert "text_encoder" not in names and "vae" not in names and "model" in names
+    torch.manual_seed(0)
+    d = build("dmd2", teacher, {"generator_timesteps": [899], "gan_weight_g": 0.01})
+    d.to("meta")  # what the trainer's .to(device) moves
+    assert all(p.device.type == "meta" for p in teacher.model.parameters())
+    assert all(p.device.type == "cpu" for p in teacher.text_encoder.parameters())
+    assert all(p.device.type == "cpu" for p in teacher.vae.parameters())
+    teacher = _sd_teacher(tmp_path).offload_frozen_parts()
+    seen = []
+    teacher.text_encoder.register_forward_hook(lambda m, a, o: seen.append(next(m.parameters()).device))
+    c0, c1 = ref.encode_conditions(PROMPTS[:2]), teacher.encode_conditions(PROMPTS[:2])
+    torch.testing.assert_close(c0["encoder_hidden_states"], c1["encoder_hidden_states"])
+    assert seen and next(teacher.text_encoder.parameters()).device.type == "cpu"
+    z = torch.randn(2, 4, 8, 8)
+    torch.testing.assert_close(ref.decode(z), teacher.decode(z))
+    img = torch.rand(2, 3, 16, 16) * 2 - 1
+    g0, g1 = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+    torch.testing.assert_close(ref.encode(img, g0), teacher.encode(img, g1))
+    copy = teacher.trainable_copy()  # copies share the offloaded parts
+    torch.testing.assert_close(copy.decode(z), ref.decode(z))
