@@ -132,7 +132,9 @@ def evaluate_coco(
     if not seeds or len(set(seeds)) != len(seeds):
         raise EvalInputError(f"evaluation seeds must be distinct and at least one, got {seeds}")
     plist = load_prompts(files["prompts"])
-    n = int(num_images or len(plist))
+    n = len(plist) if num_images is None else int(num_images)
+    if n <= 0:
+        raise EvalInputError(f"--num-images must be positive, got {n}")
     if n > len(plist):
         raise EvalInputError(f"{files['prompts']}: {n} images requested but the file has {len(plist)} prompts")
     used = plist[:n]

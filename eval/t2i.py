@@ -276,7 +276,7 @@ def evaluate_t2i(
         raise EvalInputError(f"evaluation seeds must differ, got {seeds}")
     prompt_path = Path(prompts) if prompts is not None else EVAL_PROMPTS_FILE
     plist, attrs = read_prompts(prompt_path, need_attributes=require_captions)
-    n = int(num_images or len(plist))
+    n = len(plist) if num_images is None else int(num_images)
     if n <= 0:
         raise EvalInputError(f"--num-images must be positive, got {n}")
     used = [plist[i % len(plist)] for i in range(n)]

@@ -162,9 +162,10 @@ def test_cli_t2i_json_and_bad_input(tiny_pipe, tmp_path, capsys):
         (["--prompts", str(tmp_path / "nope.txt")], "not found"),
         (["--prompts", str(tmp_path / "nope.txt"), "--seeds", "x"], "--seeds"),
         (["--scheduler", "heun9"], "unknown scheduler"),
+        (["--num-images", "0"], "must be positive"),
     ]:
         capsys.readouterr()
-        assert main(["t2i", str(tiny_pipe), "--num-images", "2", *args]) == 2
+        assert main(["t2i", str(tiny_pipe), *(["--num-images", "2"] if "--num-images" not in args else []), *args]) == 2
         err = capsys.readouterr().err
         assert msg in err and "Traceback" not in err
     (tmp_path / "bad.txt").write_text("a red one on a blue background\nthe cat sat\n")
