@@ -158,6 +158,15 @@ def test_gradient_checkpointing_per_group(tmp_path):
             torch.testing.assert_close(ref[k], got[k], rtol=1e-4, atol=1e-6)
     with pytest.raises(ValueError, match="groups"):
         build("dmd2", _sd_teacher(tmp_path), {"gradient_checkpointing": ["fake"]})
+    # with the GAN term, whose generator-phase forward runs with the critic frozen: same gradients
+    gan = {}
+    for groups in ([], ["generator", "critic"]):
+        out, gen, critic = _generator_step({**GAN, "gradient_checkpointing": groups})
+        gan[bool(groups)] = (out.loss.detach(), gen, critic)
+    torch.testing.assert_close(gan[True][0], gan[False][0])
+    assert gan[True][2] == {} and gan[True][1].keys() == gan[False][1].keys()
+    for k in gan[False][1]:
+        torch.testing.assert_close(gan[True][1][k], gan[False][1][k], rtol=1e-4, atol=1e-6)
     for algo in ("vsd", "boot"):
         d = build(algo, _class_teacher(), {"gradient_checkpointing": ["generator"]})
         assert d.generator.denoiser.model.is_gradient_checkpointing

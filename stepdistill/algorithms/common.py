@@ -357,6 +357,23 @@ def frozen(*modules: nn.Module):
             p.requires_grad_(True)
 
 
+@contextmanager
+def checkpointing_off(*modules: nn.Module):
+    """Turn diffusers' gradient checkpointing off in ``modules`` for a forward, restored on exit.
+
+    Needed around a :func:`frozen` forward: checkpointing recomputes the forward during backward,
+    after the parameters' ``requires_grad`` is restored, and the recomputed graph then saves other
+    tensors than the original one (torch raises ``CheckpointError``)."""
+    mods = [m for mod in modules for m in mod.modules() if getattr(m, "gradient_checkpointing", False) is True]
+    for m in mods:
+        m.gradient_checkpointing = False
+    try:
+        yield
+    finally:
+        for m in mods:
+            m.gradient_checkpointing = True
+
+
 @dataclass
 class MemoryOptions:
     """Memory levers every score-distillation Config inherits (DMD2, VSD, BOOT; MSD and DisBack

@@ -39,6 +39,7 @@ from .common import (
     RegressionPairs,
     add_generator_lora,
     batch_size_of,
+    checkpointing_off,
     critic_denoising_loss,
     default_weighting,
     enable_gradient_checkpointing,
@@ -258,7 +259,11 @@ class DMD2(Distiller):
             gidx = sample_timestep_indices(n, 0, frac_to_index(self.teacher, c.gan_max_step_frac), device=x.device)
             gs = self.teacher.sigmas[gidx]
             # the gradient reaches x through the critic; its weights get none (they would be discarded)
-            with frozen(self.critic_group) if c.no_grad_outside_phase else nullcontext():
+            # (a checkpointed critic runs this forward whole: recomputing it in backward, after the
+            # weights are trainable again, would save other tensors)
+            freeze = c.no_grad_outside_phase
+            with frozen(self.critic_group) if freeze else nullcontext(), \
+                    checkpointing_off(self.critic_group) if freeze else nullcontext():
                 feat = self.features(self.critic, self.critic.add_noise(x, gs), gs, cond)
                 g_gan = nonsaturating_g_loss(self.critic_group["gan_head"](feat))
             loss = loss + c.gan_weight_g * g_gan
