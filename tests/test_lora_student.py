@@ -371,3 +371,17 @@ def test_trainer_checkpoints_resumes_and_exports_a_lora_student(sd_teacher, tmp_
     out = algo.export(tmp_path / "pipe", ema_state=ema)
     state = load_file(out / "pytorch_lora_weights.safetensors")
     assert state and json.loads((out / "stepdistill.json").read_text())["ema"] is True
+
+
+def test_presets_take_generator_lora_as_overrides():
+    """The keys docs/lora.md uses, through the preset loader and each algorithm's Config."""
+    from stepdistill.algorithms import REGISTRY
+    from stepdistill.config import from_dict, load_config
+
+    cfg = load_config("sdxl/dmd2_4step", ["algorithm.params.generator_lora.rank=64",
+                                          "algorithm.params.generator_lora.alpha=32"])
+    assert cfg.algorithm.params["generator_lora"] == {"rank": 64, "alpha": 32}
+    c = from_dict(REGISTRY["dmd2"].Config, cfg.algorithm.params, prefix="algorithm.params.")
+    assert c.generator_lora == {"rank": 64, "alpha": 32}
+    cfg = load_config("sdxl/disback_dmd2", ["algorithm.params.base_params.generator_lora.rank=8"])
+    assert cfg.algorithm.params["base_params"]["generator_lora"] == {"rank": 8}
