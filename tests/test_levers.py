@@ -258,3 +258,37 @@ def test_offloaded_frozen_parts_stay_in_cpu_memory(tmp_path):
     torch.testing.assert_close(ref.encode(img, g0), teacher.encode(img, g1))
     copy = teacher.trainable_copy()  # copies share the offloaded parts
     torch.testing.assert_close(copy.decode(z), ref.decode(z))
+
+
+def test_levers_under_the_trainer(tmp_path):
+    """The generic trainer with every DMD2 lever on (GAN term, frozen critic in the generator
+    phase, GAN stopped at the bottleneck, checkpointing, LoRA critic): a regression stage whose
+    pairs are made on first use, then DMD steps; both groups move, the teacher does not, the LoRA
+    critic's base stays the teacher's, and the sample grid comes out."""
+    from stepdistill.config import TrainConfig
+    from stepdistill.data.sources import TensorSource
+    from stepdistill.training import train
+
+    teacher = DiffusersTeacher(tiny_unet2d(num_classes=10, channels=3, block_out_channels=(16, 32)),
+                               dict(SD_SCHEDULER_CONFIG), num_classes=10, guidance_scale=2.0)
+    torch.manual_seed(0)
+    d = build("dmd2", teacher, {**GAN, "gradient_checkpointing": ["generator", "critic"],
+                                "critic_lora": {"rank": 2, "target_modules": ["to_q", "to_v"]},
+                                "regression_steps": 1, "regression_pairs": 8, "regression_sampler_steps": 2,
+                                "pairs_dir": str(tmp_path / "pairs")})
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    gen0 = [p.detach().clone() for p in d.generator.parameters()]
+    lora0 = [p.detach().clone() for n, p in d.critic.model.named_parameters() if "lora_" in n]
+    g = torch.Generator().manual_seed(0)
+    source = TensorSource(torch.rand(16, 3, 8, 8, generator=g) * 2 - 1, torch.arange(16) % 10)
+    cfg = TrainConfig(output_dir=str(tmp_path / "run"), max_steps=3, batch_size=4, checkpoint_every_steps=0,
+                      sample_every_steps=3, num_sample_images=4, report_to=None, progress=False, resume=None)
+    result = train(d, source, cfg, sample_fn=lambda step: d.sample_images(4, torch.Generator().manual_seed(0)))
+    assert result["step"] == 3 and d.regression_pairs().store.is_complete()
+    assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
+    assert any(not torch.equal(a, b) for a, b in zip(gen0, d.generator.parameters()))
+    lora1 = [p for n, p in d.critic.model.named_parameters() if "lora_" in n]
+    assert any(not torch.equal(a, b) for a, b in zip(lora0, lora1))
+    base = {p.data_ptr() for p in teacher.model.parameters()}
+    assert all(p.data_ptr() in base for n, p in d.critic.model.named_parameters() if "lora_" not in n)
+    assert list((tmp_path / "run" / "samples").glob("*.png"))
