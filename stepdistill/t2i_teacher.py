@@ -761,6 +761,29 @@ def run_t2i_teacher_training(cfg, output: str | Path, progress: bool | None = No
     return output / "pipeline"
 
 
+def build_t2i_teacher(tcfg):
+    """``teacher.kind: t2i`` -> a frozen :class:`~stepdistill.teachers.diffusion.DiffusersTeacher` of the
+    embedded text-to-image teacher: ``teacher.path`` if given, else the cached teacher of
+    ``teacher.params.preset`` (default ``t2i``) or of the recipe in ``teacher.params`` (the preset's own
+    teacher section), trained on first use."""
+    from .config import ConfigError, load_config
+    from .teachers.diffusion import DiffusersTeacher
+    from .teachers.text_to_image import ensure_t2i_teacher
+
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if tcfg.dtype not in dtypes:
+        raise ConfigError(f"teacher.dtype must be one of {', '.join(dtypes)}, got {tcfg.dtype!r}")
+    params = dict(tcfg.params or {})
+    if tcfg.path:
+        path = tcfg.path
+    elif set(params) <= {"preset"}:
+        path = ensure_t2i_teacher(params.get("preset", "t2i"))
+    else:
+        path = ensure_t2i_teacher(config=load_config({"teacher": {"kind": "t2i", "params": params}}))
+    return DiffusersTeacher.from_pretrained(str(path), prediction_type=tcfg.prediction_type,
+                                            guidance_scale=tcfg.guidance_scale, dtype=dtypes[tcfg.dtype])
+
+
 def cost_row(pipeline_dir: str | Path, command: str) -> dict:
     """The benchmark row (training cost of each part) from a trained folder's ``training.json``."""
     info = json.loads((Path(pipeline_dir) / "training.json").read_text())
@@ -786,6 +809,37 @@ def cost_row(pipeline_dir: str | Path, command: str) -> dict:
     }
 
 
+QUICK_SETTINGS = ((8, 4.5), (8, 1.0), (25, 4.5), (8, 7.5))
+
+
+def quick_prompt_accuracy(folder: str | Path, n: int = 500, settings=QUICK_SETTINGS) -> list[dict]:
+    """Prompt accuracy of a pipeline folder under the shipped attribute judge (``t2i-attr-v1``), DDIM at
+    (steps, CFG) ``settings``, prompts ``eval_prompts(n, seed=0)``, image ``i`` drawn with seed 10,000 + i.
+    A one-seed check; the multi-seed grid with FID and CLIP score is ``benchmarks/t2i_teacher.py``."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    from .data.colored_mnist import eval_prompts
+    from .eval.judges import as_uint8, attribute_accuracy, default_attribute_detector
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(folder))
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    det = default_attribute_detector()
+    prompts = eval_prompts(n, seed=0)
+    want = torch.tensor([[p["digit"], p["fg"], p["bg"]] for p in prompts])
+    out = []
+    for steps, cfg in settings:
+        t0, imgs = time.time(), []
+        for i in range(0, n, 100):
+            chunk = prompts[i:i + 100]
+            im = pipe([p["prompt"] for p in chunk], num_inference_steps=steps, guidance_scale=cfg, output_type="pt",
+                      generator=[torch.Generator().manual_seed(10_000 + i + j) for j in range(len(chunk))]).images
+            imgs.append(as_uint8(im * 2 - 1))
+        acc = attribute_accuracy(det.predict(torch.cat(imgs)), want)
+        out.append({"sampler": "ddim", "steps": steps, "cfg": cfg, "n": n, **acc, "wall_s": round(time.time() - t0, 1)})
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
     import shlex
@@ -799,6 +853,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="data-parallel CPU processes for the VAE and UNet (default $STEPDISTILL_T2I_WORKERS or 1)")
     ap.add_argument("--results", default="benchmarks/results/t2i_teacher_train.json")
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--check", type=int, default=0, metavar="N",
+                    help="also measure prompt accuracy with the shipped judge on N prompts (quick_prompt_accuracy)")
     ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. teacher.params.unet.steps=3000")
     args = ap.parse_args(argv)
     if args.threads:
@@ -810,6 +866,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.results:
         cmd = "python -m stepdistill.t2i_teacher " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
         row = cost_row(folder, cmd.strip())
+        if args.check:
+            row["quick_prompt_accuracy"] = {"judge": "t2i-attr-v1", "prompts": f"eval_prompts({args.check}, seed=0)",
+                                            "image_seed": "10000 + i", "rows": quick_prompt_accuracy(folder, args.check)}
+            for r in row["quick_prompt_accuracy"]["rows"]:
+                print(json.dumps(r))
         print(json.dumps({k: v for k, v in row.items() if "curve" not in k and "evals" not in k}, indent=1))
         path = Path(args.results)
         rows = json.loads(path.read_text()) if path.exists() else []

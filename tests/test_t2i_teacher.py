@@ -235,3 +235,23 @@ def test_two_workers_train_the_same_teacher(tiny_teacher, tmp_path, monkeypatch)
         for k in a:
             torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-4)
     assert json.loads((folder / "training.json").read_text())["workers"] == 2
+
+
+def test_teacher_kind_t2i_builder_finds_the_cached_teacher(tiny_teacher, monkeypatch):
+    import stepdistill.t2i_teacher as trainer
+    from stepdistill.config import TeacherConfig
+
+    monkeypatch.setattr(trainer, "run_t2i_teacher_training",
+                        lambda *a, **k: (_ for _ in ()).throw(AssertionError("retrained")))
+    tcfg = load_config("t2i", TINY).teacher  # the preset's own teacher section (the recipe)
+    teacher = trainer.build_t2i_teacher(tcfg)
+    assert teacher.sample_shape == (4, 8, 8) and teacher.text_encoder is not None and teacher.vae is not None
+    by_path = trainer.build_t2i_teacher(TeacherConfig(kind="t2i", path=str(tiny_teacher), guidance_scale=2.0))
+    assert by_path.guidance_scale == 2.0
+
+
+def test_quick_prompt_accuracy_runs_on_a_folder(tiny_teacher):
+    import stepdistill.t2i_teacher as trainer
+
+    rows = trainer.quick_prompt_accuracy(tiny_teacher, n=3, settings=((2, 4.5),))
+    assert len(rows) == 1 and rows[0]["n"] == 3 and 0.0 <= rows[0]["prompt_accuracy"] <= 1.0

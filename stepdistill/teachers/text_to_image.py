@@ -333,31 +333,34 @@ def n_params(module) -> int:
 # the cache
 
 
-def t2i_teacher_dir(preset: str = "t2i", overrides: list[str] | None = None) -> Path:
-    """Cache folder of the t2i teacher for a preset + overrides (keyed by the resolved recipe)."""
+def t2i_teacher_dir(preset: str = "t2i", overrides: list[str] | None = None, config=None) -> Path:
+    """Cache folder of the t2i teacher for a preset + overrides, or a ``teacher.kind: t2i`` RunConfig
+    (keyed by the resolved recipe)."""
     from ..config import load_config
     from ..run import cache_dir
 
-    cfg = load_config(preset, overrides or [])
+    cfg = config if config is not None else load_config(preset, overrides or [])
     spec = spec_from_params(cfg.teacher.params, seed=cfg.train.seed)
     return cache_dir() / "teachers" / f"t2i-{part_keys(spec)['unet']}"
 
 
 def ensure_t2i_teacher(preset: str = "t2i", overrides: list[str] | None = None, quiet: bool = False,
-                       progress: bool | None = None, workers: int | None = None) -> Path:
+                       progress: bool | None = None, workers: int | None = None, config=None) -> Path:
     """Return the cached text-to-image teacher's ``StableDiffusionPipeline`` folder, training it
     first when missing (``~/.cache/stepdistill/teachers/t2i-<key>/pipeline``, or under
     ``$STEPDISTILL_CACHE``).  Training resumes from its checkpoints if it was interrupted; ``workers``
     CPU processes train data-parallel (see :func:`stepdistill.t2i_teacher.run_t2i_teacher_training`)."""
-    out = t2i_teacher_dir(preset, overrides)
+    from ..config import load_config
+
+    cfg = config if config is not None else load_config(preset, overrides or [])
+    out = t2i_teacher_dir(config=cfg)
     if (out / "pipeline" / "model_index.json").exists():
         return out / "pipeline"
     if not quiet:
         print(f"[stepdistill] text-to-image teacher not cached; training it once into {out} ...", flush=True)
-    from ..config import load_config
     from ..t2i_teacher import run_t2i_teacher_training
 
-    run_t2i_teacher_training(load_config(preset, overrides or []), out, progress=progress, workers=workers)
+    run_t2i_teacher_training(cfg, out, progress=progress, workers=workers)
     return out / "pipeline"
 
 
