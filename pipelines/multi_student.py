@@ -43,7 +43,7 @@ import shutil
 
 import numpy as np
 import torch
-from diffusers import ConfigMixin, DiffusionPipeline, ImagePipelineOutput, ModelMixin, UNet2DModel
+from diffusers import ConfigMixin, DiffusionPipeline, ImagePipelineOutput, ModelMixin, UNet2DConditionModel, UNet2DModel
 from diffusers.configuration_utils import register_to_config
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
@@ -52,6 +52,8 @@ from torch import nn
 _SCHEDULER_TIMESTEPS_KEY = "_stepdistill_timesteps"
 _MODULE_FILE = "multi_student"  # name of this file in saved folders (root and students/)
 _PIPELINE_CLASS = "MultiStudentPipeline"
+_TEXT_PIPELINE_CLASS = "TextMultiStudentPipeline"
+_STUDENT_CLASSES = {"UNet2DModel": UNet2DModel, "UNet2DConditionModel": UNet2DConditionModel}
 _BANK_CLASS = "StudentBank"
 _BANK_COMPONENT = "students"
 
@@ -78,11 +80,14 @@ class StudentBank(ModelMixin, ConfigMixin):
     """
 
     @register_to_config
-    def __init__(self, student_configs: list):
+    def __init__(self, student_configs: list, student_class: str = "UNet2DModel"):
         super().__init__()
         if not student_configs:
             raise ValueError("a StudentBank needs at least one student config")
-        self.students = nn.ModuleList([UNet2DModel.from_config(dict(cfg)) for cfg in student_configs])
+        if student_class not in _STUDENT_CLASSES:
+            raise ValueError(f"student_class must be one of {sorted(_STUDENT_CLASSES)}, got {student_class!r}")
+        net_cls = _STUDENT_CLASSES[student_class]
+        self.students = nn.ModuleList([net_cls.from_config(dict(cfg)) for cfg in student_configs])
         first = self.students[0].config
         for k, net in enumerate(self.students):
             if net.config.in_channels != first.in_channels or net.config.sample_size != first.sample_size:
@@ -96,13 +101,15 @@ class StudentBank(ModelMixin, ConfigMixin):
     def from_unets(cls, unets) -> StudentBank:
         """Wrap existing ``UNet2DModel`` s (their modules are used as they are, not copied)."""
         unets = list(unets)
+        kind = type(unets[0]).__name__ if unets else "UNet2DModel"
         for k, net in enumerate(unets):
-            if not isinstance(net, UNet2DModel):
+            if type(net).__name__ != kind or kind not in _STUDENT_CLASSES:
                 raise TypeError(
-                    f"student {k} is a {type(net).__name__}; a StudentBank holds UNet2DModel students"
+                    f"student {k} is a {type(net).__name__}; a StudentBank holds students of one class, "
+                    f"UNet2DModel or UNet2DConditionModel"
                 )
         with torch.device("meta"):  # build the config-only skeleton without allocating weights
-            bank = cls(student_configs=[_unet_config(net) for net in unets])
+            bank = cls(student_configs=[_unet_config(net) for net in unets], student_class=kind)
         bank.students = nn.ModuleList(unets)
         return bank
 
@@ -110,8 +117,12 @@ class StudentBank(ModelMixin, ConfigMixin):
     def num_students(self) -> int:
         return len(self.students)
 
-    def forward(self, sample, timestep, student: int, class_labels=None, return_dict: bool = False):
+    def forward(self, sample, timestep, student: int, class_labels=None, encoder_hidden_states=None,
+                return_dict: bool = False):
         net = self.students[int(student)]
+        if isinstance(net, UNet2DConditionModel):
+            out = net(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
+            return out if not return_dict else {"sample": out}
         if not net.config.get("num_class_embeds"):
             class_labels = None
         out = net(sample, timestep, class_labels=class_labels, return_dict=False)[0]
@@ -157,6 +168,54 @@ def _check_route(route, num_students: int) -> list[int]:
             f"{num_students} students (indices 0..{num_students - 1})"
         )
     return route
+
+
+# -- prompt routing (text-conditional MSD) ------------------------------------------------------
+def pooled_prompt_embeddings(tokenizer, text_encoder, prompts, batch_size: int = 256) -> torch.Tensor:
+    """The pooled text embedding of each prompt, float32 (N, D) on the CPU: the stock text encoder's
+    ``pooler_output`` (CLIP: the final-layer-normed EOS token; ``text_embeds`` of projection models),
+    for prompts tokenised as the SD pipelines do (padded to ``model_max_length``).  MSD partitions
+    prompts by these embeddings at training time and routes them at inference with the same code."""
+    prompts = [prompts] if isinstance(prompts, str) else [str(p) for p in prompts]
+    max_len = tokenizer.model_max_length
+    if max_len is None or max_len > 100_000:  # tokenizer saved without a length: use the encoder's
+        max_len = getattr(getattr(text_encoder, "config", None), "max_position_embeddings", 77)
+    device = next(text_encoder.parameters()).device
+    out = []
+    with torch.no_grad():
+        for s in range(0, len(prompts), batch_size):
+            ids = tokenizer(prompts[s : s + batch_size], padding="max_length", max_length=max_len, truncation=True,
+                            return_tensors="pt").input_ids.to(device)
+            res = text_encoder(ids)
+            pooled = getattr(res, "pooler_output", None)
+            if pooled is None:
+                pooled = getattr(res, "text_embeds", None)
+            if pooled is None:  # tuple outputs: (last_hidden_state, pooled, ...)
+                pooled = res[1] if isinstance(res, (tuple, list)) and len(res) > 1 else res[0].mean(1)
+            out.append(pooled.float().cpu())
+    return torch.cat(out)
+
+
+def route_by_embedding(embeddings: torch.Tensor, centroids) -> list[int]:
+    """Student of each pooled embedding: the nearest centroid (Euclidean; ties to the lower index)."""
+    c = torch.as_tensor(centroids, dtype=torch.float32)
+    return torch.cdist(embeddings.float().reshape(len(embeddings), -1), c).argmin(1).tolist()
+
+
+def route_prompts(prompts, table: dict | None, centroids, tokenizer=None, text_encoder=None) -> list[int]:
+    """Student of each prompt: ``table[prompt]`` for the prompts the partition was made from (the
+    balanced k-means assignment), else the nearest centroid of its pooled embedding."""
+    prompts = [prompts] if isinstance(prompts, str) else [str(p) for p in prompts]
+    table = table or {}
+    out = [table.get(p) for p in prompts]
+    missing = [i for i, k in enumerate(out) if k is None]
+    if missing:
+        if tokenizer is None or text_encoder is None:
+            raise ValueError(f"prompt {prompts[missing[0]]!r} is not in the routing table and no text encoder was given")
+        emb = pooled_prompt_embeddings(tokenizer, text_encoder, [prompts[i] for i in missing])
+        for i, k in zip(missing, route_by_embedding(emb, centroids)):
+            out[i] = int(k)
+    return [int(k) for k in out]
 
 
 class MultiStudentPipeline(DiffusionPipeline):
@@ -233,8 +292,8 @@ class MultiStudentPipeline(DiffusionPipeline):
         index_file = os.path.join(save_directory, "model_index.json")
         with open(index_file, encoding="utf-8") as f:
             index = json.load(f)
-        if type(self).__name__ == _PIPELINE_CLASS:  # subclasses keep their own (bare) class name
-            index["_class_name"] = [_MODULE_FILE, _PIPELINE_CLASS]
+        if type(self).__name__ in (_PIPELINE_CLASS, _TEXT_PIPELINE_CLASS):  # user subclasses keep their own name
+            index["_class_name"] = [_MODULE_FILE, type(self).__name__]
         index[_BANK_COMPONENT] = [_MODULE_FILE, _BANK_CLASS]
         with open(index_file, "w", encoding="utf-8") as f:
             json.dump(index, f, indent=2, sort_keys=True)
@@ -370,6 +429,126 @@ class MultiStudentPipeline(DiffusionPipeline):
             sample = self.scheduler.step(out, t, sample, return_dict=False, **step_kwargs)[0]
         x0 = sample
 
+        if output_type == "latent":
+            image = x0
+        else:
+            if self.vae is not None:
+                sf = self.vae.config.get("scaling_factor", 1.0)
+                x0 = self.vae.decode(x0.to(self.vae.dtype) / sf, return_dict=False)[0]
+            image = _to_images(x0.float(), output_type)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (image,)
+        return ImagePipelineOutput(images=image)
+
+
+class TextMultiStudentPipeline(MultiStudentPipeline):
+    r"""Pipeline for text-conditional multi-student (MSD) students distilled by stepdistill.
+
+    Components:
+        students ([`StudentBank`]): K ``UNet2DConditionModel`` students.
+        scheduler ([`LCMScheduler`]): the noise schedule and the boundary scalings.
+        text_encoder / tokenizer: the teacher's (CLIP) text encoder: its hidden states condition the
+            students, its pooled output routes the prompt.
+        vae ([`AutoencoderKL`], optional): latent students are decoded with ``vae.config.scaling_factor``.
+
+    Config: ``route_prompts`` / ``route_students`` (the training partition: prompt -> student),
+    ``centroids`` (K pooled-embedding centres: any other prompt goes to the nearest), ``timesteps``.
+    Every image runs through exactly one student; the noise is drawn for the whole batch before routing.
+    """
+
+    model_cpu_offload_seq = "text_encoder->students->vae"
+    _optional_components = ["vae"]
+
+    def __init__(self, students, scheduler, text_encoder, tokenizer, vae=None, route_prompts=None,
+                 route_students=None, centroids=None, timesteps=None):
+        DiffusionPipeline.__init__(self)
+        self.register_modules(students=students, scheduler=scheduler, text_encoder=text_encoder, tokenizer=tokenizer,
+                              vae=vae)
+        k = len(students.students)
+        if centroids is None or len(centroids) != k:
+            raise ValueError(f"a TextMultiStudentPipeline needs one centroid per student ({k}), got "
+                             f"{None if centroids is None else len(centroids)}")
+        route_prompts = [str(p) for p in (route_prompts or [])]
+        route_students = [int(s) for s in (route_students or [])]
+        if len(route_prompts) != len(route_students) or any(not 0 <= s < k for s in route_students):
+            raise ValueError("route_prompts and route_students must pair each prompt with a student in 0..K-1")
+        if timesteps is None:
+            timesteps = scheduler.config.get(_SCHEDULER_TIMESTEPS_KEY) if scheduler is not None else None
+        if timesteps is not None:
+            timesteps = [int(t) for t in timesteps]
+        self.register_to_config(route_prompts=route_prompts, route_students=route_students,
+                                centroids=[[float(v) for v in c] for c in centroids], timesteps=timesteps)
+
+    @property
+    def route(self) -> dict:
+        return dict(zip(self.config.route_prompts, self.config.route_students))
+
+    def student_for_prompts(self, prompts) -> list[int]:
+        return route_prompts(prompts, self.route, self.config.centroids, self.tokenizer, self.text_encoder)
+
+    def encode_prompt(self, prompts, device) -> torch.Tensor:
+        """The text encoder's last hidden states, prompts padded to ``model_max_length`` (as in training)."""
+        max_len = self.tokenizer.model_max_length
+        if max_len is None or max_len > 100_000:
+            max_len = getattr(self.text_encoder.config, "max_position_embeddings", 77)
+        ids = self.tokenizer(list(prompts), padding="max_length", max_length=max_len, truncation=True,
+                             return_tensors="pt").input_ids.to(device)
+        out = self.text_encoder(ids)
+        return out[0] if isinstance(out, (tuple, list)) else out.last_hidden_state
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str],
+        num_inference_steps: int | None = None,
+        timesteps: list[int] | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        num_images_per_prompt: int = 1,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        **unused,
+    ):
+        """``prompt`` -> images; ``num_inference_steps`` / ``timesteps`` default to the training-time
+        timesteps.  Guidance is distilled into the students (no CFG at inference)."""
+        for key in unused:
+            if key not in ("guidance_scale", "negative_prompt"):
+                raise TypeError(f"TextMultiStudentPipeline.__call__ got an unexpected argument {key!r}")
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts:
+            raise ValueError("prompt is empty")
+        prompts = [p for p in prompts for _ in range(int(num_images_per_prompt))]
+        device = self._execution_device
+        n = len(prompts)
+        if isinstance(generator, list) and len(generator) != n:
+            raise ValueError(f"got {len(generator)} generators for {n} images; pass one per image")
+        cfg = self.students.students[0].config
+        size = cfg.sample_size
+        height, width = (size, size) if isinstance(size, int) else tuple(size)
+        shape = (n, cfg.in_channels, height, width)
+        dtype = self.students.dtype
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+        else:
+            if tuple(latents.shape) != shape:
+                raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
+            latents = latents.to(device=device, dtype=dtype)
+        sample = latents * self.scheduler.init_noise_sigma
+        hidden = self.encode_prompt(prompts, device).to(dtype)
+        route = torch.tensor(self.student_for_prompts(prompts), dtype=torch.long)
+        groups = [(k, (route == k).nonzero().flatten().to(device)) for k in range(self.num_students)]
+        groups = [(k, idx) for k, idx in groups if idx.numel()]
+        schedule = self._set_timesteps(num_inference_steps, timesteps, device)
+        step_kwargs = _step_kwargs(self.scheduler, generator)
+        for t in self.progress_bar(schedule):
+            model_input = self.scheduler.scale_model_input(sample, t)
+            out = torch.empty_like(sample)
+            for k, idx in groups:
+                pred = self.students(model_input[idx], t, k, encoder_hidden_states=hidden[idx])
+                out[idx] = pred.to(out.dtype)
+            sample = self.scheduler.step(out, t, sample, return_dict=False, **step_kwargs)[0]
+        x0 = sample
         if output_type == "latent":
             image = x0
         else:

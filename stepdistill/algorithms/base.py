@@ -31,7 +31,24 @@ from ..students import Generator
 from ..teachers.base import DiffusionTeacher
 from ..training.task import LossOutput, TrainingTask
 
-__all__ = ["Distiller", "LossOutput"]
+__all__ = ["NO_PROMPTS_MESSAGE", "Distiller", "LossOutput", "is_text_conditional"]
+
+#: the refusal of a data-free run on a text-conditional teacher
+NO_PROMPTS_MESSAGE = (
+    "{algo}: the teacher is text-conditional but the run has no prompts, so it would train unconditionally; "
+    "set train.dataset=prompts:<file> (one prompt per line; for the embedded text-to-image teacher "
+    "train.dataset=prompts:train_300.txt)"
+)
+
+
+def is_text_conditional(teacher) -> bool:
+    """Whether ``teacher`` is conditioned on prompts it cannot draw itself (SD / SDXL / SD3 / FLUX
+    text encoders; wrappers such as DisBack's node target delegate the question)."""
+    if getattr(teacher, "num_classes", None) is not None:
+        return False
+    if teacher.random_raw_conditions(1, torch.Generator().manual_seed(0)) is not None:
+        return False
+    return getattr(teacher, "tokenizer", None) is not None or getattr(teacher, "text_encoder", None) is not None
 
 
 class Distiller(TrainingTask, ABC):
@@ -69,6 +86,12 @@ class Distiller(TrainingTask, ABC):
         from ..data.sources import build_source
 
         source = build_source(train_cfg, self.teacher, needs_data=self.needs_data)
+        if is_text_conditional(self.teacher) and getattr(source, "teacher", None) is not None:
+            # a data-free ConditionSource: a text teacher draws no prompts of its own, so every step
+            # would be unconditional (and CFG skipped) without a word
+            from ..config import ConfigError
+
+            raise ConfigError(NO_PROMPTS_MESSAGE.format(algo=self.name))
         for m in self.modules():  # the run's conditions, e.g. the prompts of text-teacher regression pairs
             if isinstance(m, Distiller):
                 m.condition_source = source

@@ -25,7 +25,7 @@ from torch import nn
 
 from ..teachers.base import DelegatingTeacher, DiffusionTeacher, append_dims
 from . import REGISTRY, register
-from .base import Distiller, LossOutput
+from .base import NO_PROMPTS_MESSAGE, Distiller, LossOutput, is_text_conditional
 from .common import RegressionPairs, batch_size_of, denoising_weight
 
 # ---------------------------------------------------------------------------------------------
@@ -72,7 +72,8 @@ def kmeans_partition(embeddings: torch.Tensor, k: int, iters: int = 50, seed: in
 @dataclass
 class MSDConfig:
     num_students: int = 4
-    partition: str = "contiguous"  # contiguous | kmeans | mapping
+    partition: str | None = None  # contiguous | kmeans | mapping; None = contiguous (classes), kmeans (text)
+    partition_prompts: str | list | None = None  # text teachers: prompts to partition; None = the run's prompts
     mapping: list = field(default_factory=list)  # class -> student, for partition=mapping
     base: str = "dmd2"
     base_params: dict = field(default_factory=dict)
@@ -114,17 +115,26 @@ class MSD(Distiller):
         super().__init__(teacher, config)
         c = config
         num_classes = getattr(teacher, "num_classes", None)
-        if num_classes is None:
-            raise ValueError("MSD routes by class here: the teacher must be class-conditional "
-                             "(text prompts: use partition=kmeans over prompt embeddings via msd.kmeans_partition)")
-        if c.partition == "contiguous":
+        self.text = is_text_conditional(teacher)
+        self.text_route: dict | None = None  # text teachers: {prompts, assign, centroids} (made on first use)
+        partition = c.partition or ("kmeans" if self.text else "contiguous")
+        if self.text:
+            if partition != "kmeans":
+                raise ValueError(f"MSD partitions the prompts of a text-conditional teacher by k-means over pooled "
+                                 f"text embeddings: algorithm.params.partition must be kmeans (or null), got {partition!r}")
+            if c.num_students < 1:
+                raise ValueError("algorithm.params.num_students must be >= 1")
+            self.route = None
+        elif num_classes is None:
+            raise ValueError("MSD routes by class or by prompt: the teacher must be class- or text-conditional")
+        elif partition == "contiguous":
             self.route = contiguous_partition(num_classes, c.num_students)
-        elif c.partition == "mapping":
+        elif partition == "mapping":
             if len(c.mapping) != num_classes or sorted(set(c.mapping)) != list(range(c.num_students)):
                 raise ValueError(f"algorithm.params.mapping must list a student in 0..{c.num_students - 1} "
                                  f"for each of the {num_classes} classes, using every student")
             self.route = [int(v) for v in c.mapping]
-        elif c.partition == "kmeans":
+        elif partition == "kmeans":
             emb = self._class_embeddings(teacher, num_classes)
             self.route = kmeans_partition(emb, c.num_students)
         else:
@@ -157,8 +167,58 @@ class MSD(Distiller):
                 s.teacher = teacher  # the real score is always the real teacher
             students.append(s)
         self.students = nn.ModuleList(students)
-        self.classes = [[y for y in range(num_classes) if self.route[y] == k] for k in range(c.num_students)]
+        self.classes = None if self.text else [
+            [y for y in range(num_classes) if self.route[y] == k] for k in range(c.num_students)]
+        if self.text and c.partition_prompts is not None:
+            from ..data.sources import PromptSource
+
+            self.partition_text(PromptSource(c.partition_prompts).prompts)
         self._tsm_done = [not self.small or c.tsm_steps == 0] * c.num_students
+
+    # -- text teachers: prompt partition ---------------------------------------------------------
+    def partition_text(self, prompts: list[str]) -> dict:
+        """Balanced k-means (deterministic, seed 0) over the pooled text embeddings of the distinct
+        ``prompts`` (the paper's SD setting); student k trains on the prompts assigned to it.  The
+        centroids route unseen prompts at inference (the exported pipeline computes the pooled
+        embedding with the stock text encoder)."""
+        from ..pipelines.multi_student import pooled_prompt_embeddings
+
+        uniq = sorted(set(str(p) for p in prompts))
+        k = self.config.num_students
+        if len(uniq) < k:
+            raise ValueError(f"MSD needs at least num_students={k} distinct prompts to partition, got {len(uniq)}")
+        t = self.teacher
+        te = t.text_encoder if getattr(t, "text_encoder", None) is not None else t._text_encoder()
+        emb = pooled_prompt_embeddings(t.tokenizer, te, uniq)
+        assign = kmeans_partition(emb, k)
+        cent = torch.stack([emb[torch.tensor(assign) == j].mean(0) for j in range(k)])
+        self.text_route = {"prompts": uniq, "assign": [int(a) for a in assign], "centroids": cent.tolist()}
+        self.prompt_groups = [[p for p, a in zip(uniq, assign) if a == j] for j in range(k)]
+        return self.text_route
+
+    def _text_partition(self) -> dict:
+        if self.text_route is None:
+            prompts = getattr(getattr(self, "condition_source", None), "prompts", None)
+            if not prompts:
+                raise ValueError(NO_PROMPTS_MESSAGE.format(algo=self.name) +
+                                 " (or algorithm.params.partition_prompts, the prompts MSD partitions)")
+            self.partition_text(prompts)
+        return self.text_route
+
+    def route_prompts(self, prompts) -> list[int]:
+        """The student of each prompt (the training partition's table, else the nearest centroid)."""
+        from ..pipelines.multi_student import route_prompts
+
+        r = self._text_partition()
+        t = self.teacher
+        te = t.text_encoder if getattr(t, "text_encoder", None) is not None else t._text_encoder()
+        return route_prompts(prompts, dict(zip(r["prompts"], r["assign"])), r["centroids"], t.tokenizer, te)
+
+    def build_source(self, train_cfg, rank: int = 0, world: int = 1):
+        source = super().build_source(train_cfg, rank, world)
+        if self.text and self.text_route is None:
+            self._text_partition()
+        return source
 
     @staticmethod
     def _class_embeddings(teacher, num_classes):
@@ -243,6 +303,8 @@ class MSD(Distiller):
         gens = self.generator_for_export()
         raw = self.grid_conditions(n, generator)
         device = self.teacher.sigmas.device
+        if self.text:
+            return self._sample_text(gens, raw, n, generator, device)
         # seeded CPU noise, moved to the students' device (the same grid on every device)
         z = torch.randn((n, *gens[0].sample_shape), generator=generator, device="cpu").to(device)
         x0 = torch.zeros_like(z)
@@ -258,6 +320,25 @@ class MSD(Distiller):
             img = self.teacher.decode(x0)
         return img.clamp(-1, 1) if img.ndim == 4 else img
 
+    def _sample_text(self, gens, raw, n, generator, device):
+        if raw is None:
+            raw = [self._text_partition()["prompts"][i % len(self.text_route["prompts"])] for i in range(n)]
+        raw = list(raw)
+        route = self.route_prompts(raw)
+        z = torch.randn((n, *gens[0].sample_shape), generator=generator, device="cpu").to(device)
+        x0 = torch.zeros_like(z)
+        with torch.no_grad():
+            for k, student in enumerate(gens):
+                rows = [i for i in range(n) if route[i] == k]
+                if rows:
+                    was = student.training
+                    student.eval()
+                    idx = torch.tensor(rows, dtype=torch.long, device=device)
+                    x0[idx] = student(z[idx], self.teacher.encode_conditions([raw[i] for i in rows]))
+                    student.train(was)
+            img = self.teacher.decode(x0)
+        return img.clamp(-1, 1) if img.ndim == 4 else img
+
     def export_groups(self) -> list[str]:
         return [f"s{k}.generator" for k in range(len(self.students))]
 
@@ -268,12 +349,30 @@ class MSD(Distiller):
             return None
         from ..export import export_multi_student
 
+        if self.text:
+            from ..export.multi_student import export_text_multi_student
+
+            return export_text_multi_student(self.generator_for_export(), self.teacher, self._text_partition(),
+                                             output_dir, algorithm=self.name, paper=self.paper, extra=extra,
+                                             overwrite=overwrite)
         return export_multi_student(self.generator_for_export(), self.teacher, self.route, output_dir,
                                     algorithm=self.name, paper=self.paper, extra=extra, overwrite=overwrite)
 
     # -- data filtering ------------------------------------------------------------------------
     def _slice_batch(self, batch: dict, k: int, n: int) -> dict:
-        """Conditions drawn uniformly from student k's classes; real data filtered to them."""
+        """Conditions drawn uniformly from student k's classes (prompts); real data filtered to them."""
+        if self.text:
+            self._text_partition()
+            group = self.prompt_groups[k]
+            idx = torch.randint(0, len(group), (n,), device="cpu").tolist()
+            out = {"raw_cond": [group[i] for i in idx], "batch_size": n, "real": None}
+            real, caps = batch.get("real"), batch.get("raw_cond")
+            if real is not None and caps is not None and not isinstance(caps, torch.Tensor):
+                keep = [i for i, r in enumerate(self.route_prompts(list(caps))) if r == k]
+                if keep:
+                    out["real"] = real[torch.tensor(keep, dtype=torch.long, device=real.device)]
+                    out["real_raw_cond"] = [caps[i] for i in keep]
+            return out
         classes = torch.tensor(self.classes[k], device="cpu")  # raw conditions are host data
         idx = torch.randint(0, len(classes), (n,), device="cpu")
         out = {"raw_cond": classes[idx], "batch_size": n, "real": None}
@@ -318,8 +417,13 @@ class MSD(Distiller):
         return LossOutput(loss, {f"s{k}.tsm": loss.detach()})
 
     def state_dict_extra(self) -> dict:
-        return {"tsm_done": list(self._tsm_done), "route": self.route}
+        return {"tsm_done": list(self._tsm_done), "route": self.route, "text_route": self.text_route}
 
     def load_state_dict_extra(self, state: dict) -> None:
         self._tsm_done = list(state.get("tsm_done", self._tsm_done))
+        if self.text and state.get("text_route") is not None:
+            r = state["text_route"]
+            self.text_route = r
+            self.prompt_groups = [[p for p, a in zip(r["prompts"], r["assign"]) if a == j]
+                                  for j in range(self.config.num_students)]
 
