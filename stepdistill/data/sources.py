@@ -34,7 +34,6 @@ import torch
 from torch import Tensor
 
 from ..config import ConfigError
-from ..errors import DataError, DataNotFoundError
 
 __all__ = [
     "derive_seed",
@@ -178,18 +177,18 @@ class PromptSource(BatchSource):
                 if (PROMPT_DIR / path).is_file():
                     path = PROMPT_DIR / path
             if not path.is_file():
-                raise DataNotFoundError(f"prompt file {path} does not exist (expected a UTF-8 text file, one prompt per line)")
+                raise FileNotFoundError(f"prompt file {path} does not exist (expected one prompt per line)")
             try:
                 text = path.read_text(encoding="utf-8")
             except (OSError, UnicodeDecodeError) as e:
-                raise DataError(f"cannot read prompt file {path}: {e}; save it as UTF-8 text, one prompt per line") from e
+                raise ValueError(f"cannot read prompt file {path}: {e}") from e
             items = [line.strip() for line in text.splitlines() if line.strip()]
             if not items:
-                raise DataError(f"prompt file {path} holds no prompts (it is empty or only blank lines)")
+                raise ValueError(f"prompt file {path} holds no prompts (it is empty or only blank lines)")
         else:
             items = [str(p) for p in prompts]
             if not items:
-                raise DataError("PromptSource needs at least one prompt")
+                raise ValueError("PromptSource needs at least one prompt")
         self.prompts = items
         self.seed = int(seed)
         self._plan = EpochPermutation(len(items), self.seed, "prompt-source")
