@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from stepdistill.errors import InputError
 
-class EvalInputError(ValueError):
+
+class EvalInputError(InputError):
     """Bad evaluation input (a file, folder, dataset name or setting).
 
     The message names the offending file or value and says how to fix it.  The CLI prints it as

@@ -66,6 +66,10 @@ def resolve_labels(n: int, labels: Any = None, num_classes: int | None = None) -
     lab = torch.as_tensor(labels, dtype=torch.long).flatten()
     if lab.numel() == 0:
         raise EvalInputError("class_labels is an empty list")
+    bad = [int(v) for v in lab.tolist() if v < 0 or (num_classes is not None and v >= num_classes)]
+    if bad:
+        top = f"{num_classes - 1}" if num_classes is not None else "the number of classes - 1"
+        raise EvalInputError(f"class label {bad[0]} is out of range; class labels must lie in [0, {top}]")
     return lab[torch.arange(n) % lab.numel()]
 
 
@@ -303,6 +307,8 @@ def iter_sample_pipeline(
             labels = resolve_labels(n, class_labels, k)
     if n <= 0 or batch_size <= 0:
         raise EvalInputError(f"number of images ({n}) and batch size ({batch_size}) must be positive")
+    if num_inference_steps is not None and (isinstance(num_inference_steps, bool) or int(num_inference_steps) < 1):
+        raise EvalInputError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
     # stock pipelines of stepdistill exports: sample the recorded training-time timesteps by default
     recorded = _recorded(pipe, "timesteps")
     cfg = getattr(pipe, "config", None) or {}

@@ -23,6 +23,8 @@ from typing import Any, Union
 
 import yaml
 
+from .errors import InputError
+
 __all__ = [
     "ConfigError",
     "TeacherConfig",
@@ -39,7 +41,7 @@ __all__ = [
 ]
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """A configuration problem; the message names the offending key and the fix."""
 
 
@@ -322,7 +324,55 @@ def load_config(source: str | Path | dict | None = None, overrides: list[str] | 
             base = dict(base, algorithm={k: v for k, v in b_alg.items() if k != "params"})
         data = _deep_merge(base, data)
     data = apply_overrides(data, overrides or [])
-    return from_dict(RunConfig, data)
+    cfg = from_dict(RunConfig, data)
+    check_values(cfg)
+    return cfg
+
+
+def _walk(data: Any, prefix: str):
+    if isinstance(data, dict):
+        for k, v in data.items():
+            yield from _walk(v, f"{prefix}.{k}")
+    else:
+        yield prefix, data
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def check_values(cfg: RunConfig) -> None:
+    """Range checks of values whose type :func:`from_dict` already checked: guidance scales >= 0
+    (``teacher.guidance_scale`` and every ``*guidance_scale*`` key under ``teacher.params`` /
+    ``algorithm.params``), resolutions >= 1, ``train.max_steps >= 1`` (0 would export the
+    untrained student), ``eval.num_images >= 1``; each error names the key."""
+    import math
+
+    def bad(key: str, value: Any, need: str) -> ConfigError:
+        return ConfigError(f"{key}={value!r} is out of range: {need}")
+
+    g = cfg.teacher.guidance_scale
+    if not math.isfinite(g) or g < 0:
+        raise bad("teacher.guidance_scale", g, "guidance scales must be finite and >= 0 (1 = no guidance)")
+    for key, value in [*_walk(cfg.teacher.params, "teacher.params"), *_walk(cfg.algorithm.params, "algorithm.params"),
+                       *_walk(cfg.train.dataset_params, "train.dataset_params")]:
+        name = key.rsplit(".", 1)[-1]
+        values = value if isinstance(value, (list, tuple)) else [value]
+        if "guidance_scale" in name:
+            for v in values:
+                if v is not None and (not _number(v) or not math.isfinite(v) or v < 0):
+                    raise bad(key, value, "guidance scales must be finite numbers >= 0 (1 = no guidance)")
+        if name in ("resolution", "image_size", "sample_size"):
+            for v in values:
+                if v is not None and (not _number(v) or int(v) != v or v < 1):
+                    raise bad(key, value, "a resolution is a whole number of pixels >= 1")
+    if cfg.train.max_steps == 0:
+        raise ConfigError(
+            "train.max_steps=0 trains nothing (the export would be the untrained student); pass "
+            "train.max_steps=N with N >= 1, or export an existing run with `stepdistill export RUN --output DIR`"
+        )
+    if cfg.eval.num_images < 1:
+        raise bad("eval.num_images", cfg.eval.num_images, "must be >= 1")
 
 
 def save_config(cfg: RunConfig, path: str | Path) -> None:

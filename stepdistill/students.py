@@ -26,6 +26,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from .errors import InputError
 from .teachers.base import Cond, DiffusionTeacher, append_dims
 
 
@@ -51,14 +52,14 @@ class Generator(nn.Module):
         super().__init__()
         timesteps = [int(t) for t in timesteps]
         if not timesteps:
-            raise ValueError("a generator needs at least one timestep")
+            raise InputError("algorithm.params.generator_timesteps is empty; a generator needs at least one timestep, e.g. [999]")
         if any(a <= b for a, b in zip(timesteps, timesteps[1:])):
-            raise ValueError(f"generator timesteps must be strictly descending, got {timesteps}")
+            raise InputError(f"algorithm.params.generator_timesteps must be strictly descending (e.g. [999, 499]), got {timesteps}")
         n = denoiser.num_train_timesteps
         if not all(0 <= t < n for t in timesteps):
-            raise ValueError(f"generator timesteps must lie in [0, {n - 1}], got {timesteps}")
+            raise InputError(f"algorithm.params.generator_timesteps must lie in [0, {n - 1}] (the teacher's training steps), got {timesteps}")
         if boundary not in ("lcm", "none"):
-            raise ValueError(f"boundary must be 'lcm' or 'none', got {boundary!r}")
+            raise InputError(f"boundary must be 'lcm' or 'none', got {boundary!r}")
         self.denoiser = denoiser
         self.timesteps = timesteps
         self.boundary = boundary

@@ -20,7 +20,7 @@ from torch import nn
 import stepdistill.pipelines.one_step as one_step_module
 from stepdistill.export import ExportError, export_generator, export_teacher_pipeline
 from stepdistill.export import class_conditional as class_conditional_export
-from stepdistill.export.common import student_network
+from stepdistill.export.common import EXPORT_MARKER, student_network
 from stepdistill.pipelines.class_conditional import ClassConditionalPipeline
 from stepdistill.pipelines.one_step import OneStepPipeline
 from stepdistill.students import Generator
@@ -376,6 +376,11 @@ def test_atomic_write_and_overwrite(student, teacher, tmp_path):
     assert (out / "keep.txt").read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == [
         "folder"
     ]
+    # overwrite=True replaces only a folder an export wrote (issue 17): this one is not
+    with pytest.raises(FileExistsError, match="not a folder written by a stepdistill export"):
+        export_generator(student, teacher, out, algorithm="dmd2", overwrite=True)
+    assert (out / "keep.txt").read_text() == "old"
+    (out / EXPORT_MARKER).write_text("{}")  # from here on: an earlier export
 
     # a failure while building leaves the existing folder untouched and no scratch folder behind
     def boom(*a, **k):

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..errors import InputError
 from ..students import Generator
 from ..teachers.base import Cond, DiffusionTeacher, append_dims, cond_index
 
@@ -87,7 +88,7 @@ def generate_cached(
 # the student
 
 
-class GeneratorTimestepError(ValueError):
+class GeneratorTimestepError(InputError):
     """The generator's conditioning timestep makes the x0 conversion ill-posed (see make_generator)."""
 
 

@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..errors import DataError, DataNotFoundError
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
 __all__ = [
@@ -55,7 +57,7 @@ def _walk_files(folder: Path) -> list[Path]:
 
 def _check_extension(path: Path) -> None:
     if path.suffix.lower() not in IMAGE_EXTENSIONS:
-        raise ValueError(
+        raise DataError(
             f"{path} is not an image file (allowed extensions: {', '.join(IMAGE_EXTENSIONS)}); "
             "remove it from the dataset folder"
         )
@@ -65,7 +67,7 @@ def list_image_files(root: str | Path, labels: bool = True) -> tuple[list[Path],
     """Files, their class ids (None without class folders) and the class names."""
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"image folder {root} does not exist or is not a folder")
+        raise DataNotFoundError(f"image folder {root} does not exist or is not a folder")
     entries = sorted(p for p in root.iterdir() if not _hidden(p.name))
     subdirs = [p for p in entries if p.is_dir()]
     top_files = [p for p in entries if not p.is_dir()]
@@ -74,10 +76,10 @@ def list_image_files(root: str | Path, labels: bool = True) -> tuple[list[Path],
         for f in files:
             _check_extension(f)
         if not files:
-            raise ValueError(f"image folder {root} contains no images ({', '.join(IMAGE_EXTENSIONS)})")
+            raise DataError(f"image folder {root} contains no images ({', '.join(IMAGE_EXTENSIONS)})")
         return files, None, []
     if top_files:
-        raise ValueError(
+        raise DataError(
             f"image folder {root} mixes files ({top_files[0].name}, ...) with class sub-folders "
             f"({subdirs[0].name}, ...); put every image in a class folder, or none"
         )
@@ -87,7 +89,7 @@ def list_image_files(root: str | Path, labels: bool = True) -> tuple[list[Path],
         for f in found:
             _check_extension(f)
         if not found:
-            raise ValueError(f"class folder {d} contains no images")
+            raise DataError(f"class folder {d} contains no images")
         classes.append(d.name)
         files.extend(found)
         ids.extend([k] * len(found))
@@ -99,7 +101,7 @@ def pil_to_array(img, resolution: int | None, channels: int) -> np.ndarray:
     from PIL import Image
 
     if channels not in (1, 3):
-        raise ValueError(f"channels must be 1 or 3, got {channels}")
+        raise DataError(f"channels must be 1 or 3, got {channels}")
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         img = img.convert("RGBA")
         bg = Image.new("RGBA", img.size, (255, 255, 255, 255))
@@ -107,7 +109,7 @@ def pil_to_array(img, resolution: int | None, channels: int) -> np.ndarray:
     img = img.convert("L" if channels == 1 else "RGB")
     if resolution is not None:
         if resolution < 1:
-            raise ValueError(f"resolution must be >= 1, got {resolution}")
+            raise DataError(f"resolution must be >= 1, got {resolution}")
         w, h = img.size
         if (w, h) != (resolution, resolution):
             scale = resolution / min(w, h)
@@ -129,17 +131,17 @@ def _open_image(path: Path, resolution: int | None, channels: int) -> np.ndarray
             img.load()
             return pil_to_array(img, resolution, channels)
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-        raise ValueError(f"cannot read image {path}: {e}") from e
+        raise DataError(f"cannot read image {path}: {e}") from e
 
 
 def stack_images(arrays: list[np.ndarray], names: list, as_uint8: bool) -> Tensor:
     """(H, W, C) uint8 arrays -> (N, C, H, W) tensor; a size mismatch names the offending image."""
     if not arrays:
-        raise ValueError("no images to stack")
+        raise DataError("no images to stack")
     shape = arrays[0].shape
     for a, name in zip(arrays, names):
         if a.shape != shape:
-            raise ValueError(
+            raise DataError(
                 f"image {name} has size {a.shape[1]}x{a.shape[0]} but {names[0]} has {shape[1]}x{shape[0]}; "
                 "pass a resolution (train.dataset_params.resolution) to resize and centre-crop them"
             )
@@ -166,7 +168,7 @@ def load_image_folder(
         as_uint8: return uint8 in [0, 255] instead of float32 in [-1, 1].
     """
     if channels not in (1, 3):
-        raise ValueError(f"channels must be 1 or 3, got {channels}")
+        raise DataError(f"channels must be 1 or 3, got {channels}")
     files, ids, classes = list_image_files(root, labels=labels)
     arrays = [_open_image(f, resolution, channels) for f in files]
     images = stack_images(arrays, files, as_uint8)

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..errors import DataError
 from .folder import ImageData, pil_to_array, stack_images
 
 __all__ = ["load_hf_images", "load_hf_dataset"]
@@ -41,12 +42,12 @@ def load_hf_dataset(name_or_path: str, split: str = "train", cache_dir: str | No
     """The ``datasets.Dataset`` for ``name_or_path`` / ``split`` (see module docstring)."""
     datasets = _import_datasets()
     if not name_or_path:
-        raise ValueError("hf: dataset name or path is empty (use hf:<local folder> or hf:<hub name>)")
+        raise DataError("hf: dataset name or path is empty (use hf:<local folder> or hf:<hub name>)")
     path = Path(name_or_path).expanduser()
     try:
         if path.exists():
             if not path.is_dir():
-                raise ValueError(f"Hugging Face dataset path {path} is a file, expected a folder")
+                raise DataError(f"Hugging Face dataset path {path} is a file, expected a folder")
             if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
                 ds = datasets.load_from_disk(str(path))
             else:
@@ -57,10 +58,10 @@ def load_hf_dataset(name_or_path: str, split: str = "train", cache_dir: str | No
             ds = datasets.load_dataset(name_or_path, split=split, cache_dir=cache_dir)
     except (FileNotFoundError, ValueError, OSError, ConnectionError) as e:
         where = "local folder" if path.exists() else "name (not a local path; the hub may be unreachable)"
-        raise ValueError(f"cannot load Hugging Face dataset {name_or_path!r} ({where}): {e}") from e
+        raise DataError(f"cannot load Hugging Face dataset {name_or_path!r} ({where}): {e}") from e
     if isinstance(ds, datasets.DatasetDict):
         if split not in ds:
-            raise ValueError(
+            raise DataError(
                 f"Hugging Face dataset {name_or_path!r} has no split {split!r}; splits: {', '.join(ds)}"
             )
         ds = ds[split]
@@ -72,7 +73,7 @@ def _pick_image_column(ds, image_column: str | None, name: str) -> str:
     cols = list(ds.column_names)
     if image_column is not None:
         if image_column not in cols:
-            raise ValueError(
+            raise DataError(
                 f"dataset {name!r} has no image column {image_column!r}; columns: {', '.join(cols)}"
             )
         return image_column
@@ -82,7 +83,7 @@ def _pick_image_column(ds, image_column: str | None, name: str) -> str:
     for c in cols:
         if isinstance(ds.features.get(c), datasets.Image):
             return c
-    raise ValueError(
+    raise DataError(
         f"dataset {name!r} has no image column (looked for 'image', 'img' or an Image feature); "
         f"columns: {', '.join(cols)}; set train.dataset_params.image_column"
     )
@@ -95,7 +96,7 @@ def _pick_label_column(ds, label_column: str | None, name: str) -> str | None:
         return None
     if label_column != _AUTO:
         if label_column not in cols:
-            raise ValueError(
+            raise DataError(
                 f"dataset {name!r} has no label column {label_column!r}; columns: {', '.join(cols)}"
             )
         return label_column
@@ -127,14 +128,14 @@ def _to_pil(value: Any, index: int, name: str):
                 return img
         arr = np.asarray(value)
         if arr.dtype != np.uint8:
-            raise ValueError(f"array images must be uint8, got {arr.dtype}")
+            raise DataError(f"array images must be uint8, got {arr.dtype}")
         if arr.ndim == 3 and arr.shape[0] in (1, 3) and arr.shape[-1] not in (1, 3):
             arr = arr.transpose(1, 2, 0)
         if arr.ndim == 3 and arr.shape[-1] == 1:
             arr = arr[..., 0]
         return Image.fromarray(arr)
     except Exception as e:  # noqa: BLE001 - re-raised with the row named
-        raise ValueError(f"cannot read image of row {index} of dataset {name!r}: {e}") from e
+        raise DataError(f"cannot read image of row {index} of dataset {name!r}: {e}") from e
 
 
 def load_hf_images(
@@ -149,11 +150,11 @@ def load_hf_images(
 ) -> ImageData:
     """Images (and labels or captions) of a Hugging Face dataset as tensors, like ``load_image_folder``."""
     if channels not in (1, 3):
-        raise ValueError(f"channels must be 1 or 3, got {channels}")
+        raise DataError(f"channels must be 1 or 3, got {channels}")
     datasets = _import_datasets()
     ds = load_hf_dataset(name_or_path, split=split, cache_dir=cache_dir)
     if len(ds) == 0:
-        raise ValueError(f"Hugging Face dataset {name_or_path!r} (split {split!r}) is empty")
+        raise DataError(f"Hugging Face dataset {name_or_path!r} (split {split!r}) is empty")
     img_col = _pick_image_column(ds, image_column, name_or_path)
     lab_col = _pick_label_column(ds, label_column, name_or_path)
     arrays, names = [], []
@@ -162,7 +163,7 @@ def load_hf_images(
         try:
             arrays.append(pil_to_array(_to_pil(value, i, name_or_path), resolution, channels))
         except OSError as e:
-            raise ValueError(f"cannot read image of row {i} of dataset {name_or_path!r}: {e}") from e
+            raise DataError(f"cannot read image of row {i} of dataset {name_or_path!r}: {e}") from e
         names.append(f"row {i}")
     images = stack_images(arrays, names, as_uint8)
     labels: torch.Tensor | list[str] | None = None
@@ -178,7 +179,7 @@ def load_hf_images(
             labels = list(values)
         else:
             kinds = sorted({type(v).__name__ for v in values})
-            raise ValueError(
+            raise DataError(
                 f"label column {lab_col!r} of dataset {name_or_path!r} must hold ints (class ids) or "
                 f"strings (captions); found {', '.join(kinds)}"
             )

@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from ..config import ConfigError
+from ..errors import DataError, DataNotFoundError
 
 __all__ = [
     "derive_seed",
@@ -177,18 +178,18 @@ class PromptSource(BatchSource):
                 if (PROMPT_DIR / path).is_file():
                     path = PROMPT_DIR / path
             if not path.is_file():
-                raise FileNotFoundError(f"prompt file {path} does not exist (expected one prompt per line)")
+                raise DataNotFoundError(f"prompt file {path} does not exist (expected a UTF-8 text file, one prompt per line)")
             try:
                 text = path.read_text(encoding="utf-8")
             except (OSError, UnicodeDecodeError) as e:
-                raise ValueError(f"cannot read prompt file {path}: {e}") from e
+                raise DataError(f"cannot read prompt file {path}: {e}; save it as UTF-8 text, one prompt per line") from e
             items = [line.strip() for line in text.splitlines() if line.strip()]
             if not items:
-                raise ValueError(f"prompt file {path} holds no prompts (it is empty or only blank lines)")
+                raise DataError(f"prompt file {path} holds no prompts (it is empty or only blank lines)")
         else:
             items = [str(p) for p in prompts]
             if not items:
-                raise ValueError("PromptSource needs at least one prompt")
+                raise DataError("PromptSource needs at least one prompt")
         self.prompts = items
         self.seed = int(seed)
         self._plan = EpochPermutation(len(items), self.seed, "prompt-source")
@@ -214,6 +215,19 @@ def _image_defaults(teacher: Any) -> dict:
     if len(shape) == 3 and shape[0] in (1, 3) and shape[1] == shape[2]:
         return {"channels": int(shape[0]), "resolution": int(shape[1])}
     return {}
+
+
+def _check_shape(images: Any, defaults: dict, dataset: str) -> None:
+    """Loaded images must have the pixel teacher's (channels, resolution, resolution)."""
+    if not defaults:
+        return
+    want = (defaults["channels"], defaults["resolution"], defaults["resolution"])
+    have = tuple(int(s) for s in images.shape[1:])
+    if have != want:
+        raise DataError(
+            f"train.dataset={dataset} gives images of shape {have} (channels, height, width) but the teacher "
+            f"samples {want}; leave train.dataset_params.resolution / channels out (the teacher's are the default)"
+        )
 
 
 def _check_keys(params: dict, allowed: tuple[str, ...], what: str) -> None:
@@ -279,6 +293,7 @@ def build_source(cfg: Any, teacher: Any, needs_data: bool) -> BatchSource:
         _check_keys(params, _HF_KEYS, "train.dataset=hf:<path>")
         kw = {**defaults, **params}
         data = load_hf_images(dataset[3:], as_uint8=True, **kw)
+        _check_shape(data.images, defaults, dataset)
         return TensorSource(data.images, data.labels, seed=seed)
     path = Path(dataset).expanduser()
     if not path.is_dir():
@@ -290,4 +305,5 @@ def build_source(cfg: Any, teacher: Any, needs_data: bool) -> BatchSource:
     _check_keys(params, _FOLDER_KEYS, "an image folder")
     kw = {**defaults, **params}
     data = load_image_folder(path, as_uint8=True, **kw)
+    _check_shape(data.images, defaults, dataset)
     return TensorSource(data.images, data.labels, seed=seed)

@@ -12,11 +12,14 @@ import shutil
 import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+from ..errors import OutputError
 
 SCHEDULER_TIMESTEPS_KEY = "_stepdistill_timesteps"
 SCHEDULER_SIGMAS_KEY = "_stepdistill_sigmas"  # flow-matching students: the stock call's sigmas=
@@ -38,8 +41,75 @@ SUPPORTED = (
 )
 
 
-class ExportError(ValueError):
+class ExportError(OutputError):
     """The student or the output folder cannot be exported as asked; the message says why."""
+
+
+class OutputExistsError(ExportError, FileExistsError):
+    """The output folder exists and may not be replaced (not empty without ``overwrite``, not a
+    folder an export wrote, or a protected run / teacher folder); nothing was changed."""
+
+
+#: written into every folder :func:`atomic_output_dir` produces: ``overwrite`` replaces only a
+#: folder holding it (or an older export's ``stepdistill.json``)
+EXPORT_MARKER = ".stepdistill-export"
+_PROTECTED: ContextVar[tuple[tuple[Path, bool, str], ...]] = ContextVar("stepdistill_protected", default=())
+
+
+@contextmanager
+def protected_folders(*folders: tuple[str | Path | None, bool, str]) -> Iterator[None]:
+    """While active, :func:`atomic_output_dir` refuses an output that is, or lies above, one of
+    ``folders`` -- ``(path, inside_too, what)``; with ``inside_too`` also any output inside it
+    (e.g. ``(run_dir, False, "the run folder")``, ``(teacher_dir, True, "the teacher folder")``).
+    ``None`` paths are skipped."""
+    add = tuple((Path(p).expanduser().resolve(), bool(inside), str(what)) for p, inside, what in folders
+                if p is not None and str(p) != "")
+    token = _PROTECTED.set(_PROTECTED.get() + add)
+    try:
+        yield
+    finally:
+        _PROTECTED.reset(token)
+
+
+def is_export_folder(folder: str | Path) -> bool:
+    """Whether ``folder`` was written by a stepdistill export (it holds the marker or metadata)."""
+    folder = Path(folder)
+    return (folder / EXPORT_MARKER).is_file() or (folder / METADATA_FILE).is_file()
+
+
+def check_output_dir(output_dir: str | Path, overwrite: bool = False) -> Path:
+    """The absolute output folder, after refusing (:class:`OutputExistsError`) what an export may
+    not write: a protected folder or anything above it, a file, a non-empty folder without
+    ``overwrite``, and with ``overwrite`` a non-empty folder no export wrote."""
+    out = Path(output_dir).expanduser().absolute()
+    real = out.resolve()
+    for path, inside, what in _PROTECTED.get():
+        if real == path or real in path.parents:
+            where = "is" if real == path else "lies above"
+            raise OutputExistsError(
+                f"--output {out} {where} {what} {path}; writing there would replace it; choose an --output "
+                "outside it (e.g. RUN/pipeline-export)"
+            )
+        if inside and path in real.parents:
+            raise OutputExistsError(
+                f"--output {out} lies inside {what} {path}; choose an --output outside it"
+            )
+    if out.exists() or out.is_symlink():
+        if not out.is_dir():
+            raise OutputExistsError(f"--output {out} exists and is not a folder; choose another --output")
+        if any(out.iterdir()):
+            if not overwrite:
+                raise OutputExistsError(
+                    f"--output {out} exists and is not empty; pass --overwrite to replace an earlier export "
+                    "(overwrite=True from Python), or choose another --output"
+                )
+            if not is_export_folder(out):
+                raise OutputExistsError(
+                    f"--output {out} is not a folder written by a stepdistill export (no {EXPORT_MARKER} or "
+                    f"{METADATA_FILE}); --overwrite replaces only an earlier export; choose another --output or "
+                    "empty it yourself"
+                )
+    return out
 
 
 # -- atomic folders -----------------------------------------------------------------------------
@@ -47,15 +117,13 @@ class ExportError(ValueError):
 def atomic_output_dir(output_dir: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a scratch folder ``<output_dir>.tmp-<pid>``; on success it replaces ``output_dir``.
 
-    Refuses (``FileExistsError``, before any work) a non-empty existing ``output_dir`` unless
-    ``overwrite``; on error the scratch folder is removed and ``output_dir`` is left untouched.
+    Refuses (:class:`OutputExistsError`, before any work) what :func:`check_output_dir` refuses: a
+    non-empty existing ``output_dir`` unless ``overwrite``, with ``overwrite`` a folder no export
+    wrote, and a folder protected by :func:`protected_folders` (or above it).  On error the scratch
+    folder is removed and ``output_dir`` is left untouched.  The finished folder holds
+    :data:`EXPORT_MARKER`.
     """
-    out = Path(output_dir).expanduser().absolute()
-    if out.exists() or out.is_symlink():
-        if not out.is_dir():
-            raise FileExistsError(f"{out} exists and is not a folder")
-        if any(out.iterdir()) and not overwrite:
-            raise FileExistsError(f"{out} exists and is not empty; pass overwrite=True to replace it")
+    out = check_output_dir(output_dir, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     if tmp.exists():
@@ -63,6 +131,7 @@ def atomic_output_dir(output_dir: str | Path, overwrite: bool = False) -> Iterat
     tmp.mkdir()
     try:
         yield tmp
+        (tmp / EXPORT_MARKER).write_text(json.dumps({"written_by": "stepdistill export"}) + "\n")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ..errors import InputError
 from .base import Cond, DiffusionTeacher, append_dims, cond_cat, cond_to, freeze
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow")
@@ -49,7 +50,7 @@ SAMPLERS = {
 }
 
 
-class TeacherLoadError(ValueError):
+class TeacherLoadError(InputError):
     """A teacher folder or configuration cannot be used; the message says why and what to do."""
 
 

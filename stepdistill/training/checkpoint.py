@@ -12,15 +12,25 @@ Layout of ``<output_dir>/checkpoints/checkpoint-<step:07d>/`` (``step`` = optimi
 The folder is written as ``checkpoint-<step>.tmp-<pid>`` and renamed with ``os.replace``, so a
 folder named ``checkpoint-<step>`` is always complete; a killed run leaves at most a ``.tmp-``
 folder, which :func:`latest_checkpoint` ignores and :func:`clean_stale_tmp` removes.
+
+A checkpoint can still be damaged afterwards (a full disk, a copy cut short, a file deleted by
+hand).  :func:`check_checkpoint` finds that without loading tensors (every file the trainer state
+lists is present; safetensors headers and sizes agree; ``.pt`` zip archives and JSON files are
+readable), and :func:`resolve_resume` / :func:`select_checkpoint` skip a damaged newest
+checkpoint with a warning naming it, falling back to the newest intact one; an explicitly named
+damaged checkpoint is refused with the exact option to pass instead.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
+import struct
 import time
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -29,8 +39,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from ..errors import StepdistillError
+
 __all__ = [
     "CheckpointError",
+    "check_checkpoint",
+    "newest_intact_checkpoint",
+    "select_checkpoint",
     "CHECKPOINT_FORMAT",
     "checkpoints_dir",
     "checkpoint_path",
@@ -51,8 +66,13 @@ _TMP = re.compile(r"^checkpoint-\d+\.tmp-(\d+)$")
 STATE_FILE = "trainer_state.json"
 
 
-class CheckpointError(RuntimeError):
+logger = logging.getLogger("stepdistill.training")
+
+
+class CheckpointError(StepdistillError, RuntimeError):
     """A checkpoint is missing, incomplete or does not fit the run; the message names the path."""
+
+    exit_code = 3
 
 
 def checkpoints_dir(output_dir: str | Path) -> Path:
@@ -98,29 +118,157 @@ def read_trainer_state(path: str | Path) -> dict:
     return state
 
 
-def resolve_resume(resume: str | None, output_dir: str | Path) -> Path | None:
-    """``None`` -> fresh start; ``"latest"`` -> newest complete checkpoint or fresh; else that path.
+# ---------------------------------------------------------------------------------------------
+# integrity
 
-    A path may name a checkpoint folder, or a run folder (its newest checkpoint is taken).
-    """
+
+def _check_safetensors(f: Path) -> None:
+    """Header parses and the file is exactly as long as its header says (catches truncation)."""
+    size = f.stat().st_size
+    with open(f, "rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            raise ValueError(f"{f.name} is truncated ({size} bytes)")
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8:
+            raise ValueError(f"{f.name} is truncated (header of {n} bytes, file of {size})")
+        header = json.loads(fh.read(n))
+    end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    if size != 8 + n + end:
+        raise ValueError(f"{f.name} is truncated or padded ({size} bytes, its header needs {8 + n + end})")
+
+
+def _check_pt(f: Path) -> None:
+    with zipfile.ZipFile(f) as z:  # torch.save writes a zip archive; a cut-off file has no directory
+        if not z.namelist():
+            raise ValueError(f"{f.name} is an empty archive")
+
+
+def check_checkpoint(path: str | Path) -> str | None:
+    """``None`` if the checkpoint folder looks intact, else one sentence naming the damaged file.
+
+    Reads headers only: the trainer state, every group's ``.safetensors`` (header vs file size),
+    optimizer / scheduler ``.pt`` archives, the EMA file the state announces and ``extra.json``."""
+    path = Path(path)
+    try:
+        state = read_trainer_state(path)
+    except CheckpointError as e:
+        return str(e)
+    groups = state.get("groups") or [p.stem for p in path.glob("*.safetensors") if not p.stem.endswith("_ema")]
+    need: list[Path] = []
+    for g in groups:
+        need += [path / f"{g}.safetensors", path / f"optimizer-{g}.pt", path / f"scheduler-{g}.pt"]
+    ema = state.get("ema")
+    if isinstance(ema, dict) and ema.get("group"):
+        need.append(path / f"{ema['group']}_ema.safetensors")
+    for f in need:
+        if not f.is_file():
+            return f"checkpoint {path} is incomplete: {f.name} is missing"
+    try:
+        for f in sorted(path.iterdir()):
+            if f.suffix == ".safetensors":
+                _check_safetensors(f)
+            elif f.suffix == ".pt":
+                _check_pt(f)
+            elif f.suffix == ".json":
+                json.loads(f.read_text())
+    except (OSError, ValueError, KeyError, TypeError, IndexError, zipfile.BadZipFile) as e:
+        return f"checkpoint {path} is corrupt: {e}"
+    return None
+
+
+def newest_intact_checkpoint(output_dir: str | Path, warn=None) -> Path | None:
+    """The newest checkpoint of a run folder that :func:`check_checkpoint` passes (None if none);
+    each damaged newer one is reported through ``warn`` (default: a logging warning)."""
+    warn = logger.warning if warn is None else warn
+    found = list_checkpoints(output_dir)
+    for _step, p in reversed(found):
+        problem = check_checkpoint(p)
+        if problem is None:
+            return p
+        warn(f"skipping damaged checkpoint {p}: {problem}")
+    return None
+
+
+def _damaged_run(output_dir: Path, option: str, problems: list[str]) -> CheckpointError:
+    return CheckpointError(
+        f"no intact checkpoint in {checkpoints_dir(output_dir)} ({'; '.join(problems) or 'none complete'}); "
+        f"start fresh with {option}=null in another folder, or repair the files"
+    )
+
+
+def _pick(path: Path, option: str, what: str) -> Path:
+    """An explicitly named checkpoint (folder) or run folder (its newest intact checkpoint)."""
+    if not path.exists():
+        raise CheckpointError(f"{option}: {what} {path} does not exist")
+    if (path / STATE_FILE).exists() or _NAME.match(path.name):
+        problem = check_checkpoint(path)
+        if problem is not None:
+            run = path.parent.parent
+            alt = [p for _, p in list_checkpoints(run) if p != path and check_checkpoint(p) is None]
+            fix = (f"pass {option} {alt[-1]}" if option.startswith("--") else f"pass {option}={alt[-1]}") \
+                if alt else "no other intact checkpoint is left in that run"
+            raise CheckpointError(f"{option}: {problem}; {fix}")
+        return path
+    if checkpoints_dir(path).is_dir():
+        problems: list[str] = []
+        found = newest_intact_checkpoint(path, warn=problems.append)
+        for msg in problems:
+            logger.warning("%s", msg)
+        if found is None:
+            raise _damaged_run(path, option, problems)
+        return found
+    raise CheckpointError(f"{option}: {path} is neither a checkpoint folder nor a run folder with checkpoints/")
+
+
+def resolve_resume(resume: str | None, output_dir: str | Path, warn=None) -> Path | None:
+    """``None`` -> fresh start; ``"latest"`` -> newest intact checkpoint or fresh; else that path.
+
+    A path may name a checkpoint folder, or a run folder (its newest intact checkpoint is taken).
+    With ``"latest"`` a damaged newer checkpoint is skipped with a warning (``warn``); if every
+    checkpoint is damaged the resume is refused (a fresh start would silently lose them)."""
     if resume is None or resume == "" or str(resume).lower() in ("none", "null", "false"):
         return None
     if resume == "latest":
-        return latest_checkpoint(output_dir)
-    path = Path(resume).expanduser()
-    if not path.exists():
-        raise CheckpointError(f"train.resume: checkpoint {path} does not exist")
-    if (path / STATE_FILE).exists() or _NAME.match(path.name):
-        read_trainer_state(path)  # raises a clear error when incomplete
-        return path
-    if checkpoints_dir(path).is_dir():
-        found = latest_checkpoint(path)
+        if not list_checkpoints(output_dir):
+            return None
+        problems: list[str] = []
+        found = newest_intact_checkpoint(output_dir, warn=problems.append)
+        for msg in problems:
+            (warn or logger.warning)(f"{msg}; resuming from the newest intact checkpoint instead")
         if found is None:
-            raise CheckpointError(f"train.resume: run folder {path} holds no complete checkpoint")
+            raise CheckpointError(
+                f"train.resume=latest: every checkpoint in {checkpoints_dir(output_dir)} is damaged "
+                f"({'; '.join(problems)}); repair or remove them, or use another train.output_dir"
+            )
         return found
-    raise CheckpointError(
-        f"train.resume: {path} is neither a checkpoint folder nor a run folder with checkpoints/"
-    )
+    return _pick(Path(resume).expanduser(), "train.resume", "checkpoint")
+
+
+def select_checkpoint(run_dir: str | Path, checkpoint: str | Path = "latest", option: str = "--checkpoint",
+                      warn=None) -> Path:
+    """The checkpoint an export (or anything reading a finished run) should use.
+
+    ``"latest"``: the newest intact checkpoint of ``run_dir`` (a damaged newer one is skipped with
+    a warning naming it); a path: that checkpoint, refused when damaged with the ``--checkpoint``
+    to pass instead."""
+    run_dir = Path(run_dir)
+    if str(checkpoint) == "latest":
+        problems: list[str] = []
+        found = newest_intact_checkpoint(run_dir, warn=problems.append)
+        for msg in problems:
+            (warn or logger.warning)(f"{msg}; using {found} instead" if found else msg)
+        if found is None:
+            if not problems:
+                raise CheckpointError(
+                    f"{run_dir} has no complete checkpoint under checkpoints/; train first "
+                    "(stepdistill train ... train.output_dir=RUN)"
+                )
+            raise CheckpointError(
+                f"{run_dir} has no intact checkpoint ({'; '.join(problems)}); nothing to export"
+            )
+        return found
+    return _pick(Path(checkpoint).expanduser(), option, "checkpoint")
 
 
 def _pid_alive(pid: int) -> bool:

@@ -35,6 +35,9 @@ from __future__ import annotations
 
 import logging
 import random
+import signal
+import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -46,6 +49,7 @@ from torch import Tensor, nn
 
 from ..config import ConfigError, to_dict
 from ..data.sources import derive_seed
+from ..errors import Interrupted, NonFiniteLossError
 from .checkpoint import (
     CheckpointError,
     checkpoint_path,
@@ -74,7 +78,7 @@ from .logs import Meter, append_jsonl, flatten, truncate_jsonl
 from .settings import TRAJECTORY_FREE_KEYS, config_hash, ensure_writable, plain_config, validate
 from .task import TrainingTask
 
-__all__ = ["Trainer", "train", "config_hash", "TRAJECTORY_FREE_KEYS"]
+__all__ = ["Trainer", "train", "config_hash", "changed_keys", "TRAJECTORY_FREE_KEYS"]
 
 logger = logging.getLogger("stepdistill.training")
 
@@ -87,6 +91,37 @@ def seed_all(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (1 << 32))
     torch.manual_seed(seed)
+
+
+def _flat(data: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(data, dict):
+        out: dict[str, Any] = {}
+        for k, v in data.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out if out or not prefix else {prefix[:-1]: {}}
+    return {prefix[:-1]: data}
+
+
+def changed_keys(old: dict | None, new: dict | None) -> list[str]:
+    """``["train.default_lr: 0.0001 -> 0.001", ...]``: the trajectory-relevant dotted keys whose
+    values differ between two resolved run configurations (``TRAJECTORY_FREE_KEYS`` and the
+    description are ignored, as in the config hash)."""
+    if not isinstance(old, dict) or not isinstance(new, dict):
+        return []
+    free = {f"train.{k}" for k in TRAJECTORY_FREE_KEYS} | {"description"}
+    if "train" not in new and "train" not in old:  # a bare TrainConfig
+        free |= set(TRAJECTORY_FREE_KEYS)
+    a, b = _flat(old), _flat(new)
+    missing = object()
+    out = []
+    for k in sorted(set(a) | set(b)):
+        if k in free or any(k.startswith(f + ".") for f in free):
+            continue
+        va, vb = a.get(k, missing), b.get(k, missing)
+        if va != vb:
+            show = lambda v: "(unset)" if v is missing else repr(v)  # noqa: E731
+            out.append(f"{k}: {show(va)} -> {show(vb)}")
+    return out
 
 
 def _every(n: int, step: int) -> bool:
@@ -274,9 +309,12 @@ class Trainer:
         return (self.ema_group, self.ema) if self.ema is not None else None
 
     def _resume(self) -> None:
+        from accelerate.logging import get_logger
+
+        log = get_logger("stepdistill.training")  # warnings once, from the main process
         cfg, out_dir = self.cfg, self.out_dir
         on_main(self.acc, lambda: clean_stale_tmp(out_dir), "cleaning stale checkpoint folders")
-        ckpt = resolve_resume(cfg.resume, out_dir)
+        ckpt = resolve_resume(cfg.resume, out_dir, warn=log.warning)
         if ckpt is None and cfg.resume is None and list_checkpoints(out_dir):
             raise CheckpointError(
                 f"train.output_dir {out_dir} already holds checkpoints but train.resume is null (fresh start); "
@@ -286,17 +324,16 @@ class Trainer:
         self.saved_at, self.sampled_at, self.evaluated_at = (0 if ckpt is not None else -1), -1, -1
         if ckpt is None:
             return
-        from accelerate.logging import get_logger
-
-        log = get_logger("stepdistill.training")  # warnings once, from the main process
         state, extra = load_checkpoint(ckpt, modules=self.groups, optimizers=self.optimizers,
                                        schedulers=self.schedulers, scalers=self.scalers, ema=self._ema_pair())
         self.start = self.saved_at = int(state["step"])
         if self.ema is not None and "ema" not in state:  # EMA newly enabled: start from resumed weights
             self.ema = EMA(self.groups[self.ema_group], cfg.ema_decay)
         if state.get("config_hash") not in (None, self.chash):
-            log.warning("resuming %s with a different configuration (hash %s != %s)", ckpt,
-                        state.get("config_hash"), self.chash)
+            changed = changed_keys(self._saved_config(state), self._config_data())
+            what = ("; ".join(changed) if changed else
+                    f"keys unknown: the checkpoint has no readable config, hash {state.get('config_hash')} != {self.chash}")
+            log.warning("resuming %s with a different configuration: %s", ckpt, what)
         if state.get("world_size") not in (None, self.world):
             log.warning("resuming %s with %d processes (saved with %s): not bit-exact", ckpt, self.world,
                         state["world_size"])
@@ -305,6 +342,30 @@ class Trainer:
         if self.start > cfg.max_steps:
             log.warning("checkpoint %s is at step %d, beyond train.max_steps=%d", ckpt, self.start, cfg.max_steps)
         log.info("resumed from %s (step %d)", ckpt, self.start)
+        if self.acc.is_main_process:
+            print(f"[stepdistill] resuming from {ckpt} (step {self.start} of {cfg.max_steps})", flush=True)
+
+    def _trajectory_config(self) -> dict:
+        """What the config hash covers (the run config without ``TRAJECTORY_FREE_KEYS`` and the
+        description), saved in each checkpoint so that a resume can name the keys that differ."""
+        data = dict(self._config_data())
+        if isinstance(data.get("train"), dict):
+            data["train"] = {k: v for k, v in data["train"].items() if k not in TRAJECTORY_FREE_KEYS}
+        data.pop("description", None)
+        return data
+
+    def _saved_config(self, state: dict) -> dict | None:
+        """The configuration the checkpoint was trained with: its trainer state's copy, else the run
+        folder's config.yaml (still the previous run's: it is rewritten after the resume)."""
+        if isinstance(state.get("config"), dict):
+            return state["config"]
+        try:
+            import yaml
+
+            data = yaml.safe_load(self.config_file.read_text())
+        except (OSError, yaml.YAMLError):  # a missing / damaged config.yaml only loses the key list
+            return None
+        return data if isinstance(data, dict) else None
 
     def _config_data(self) -> dict:
         return self.run_cfg if self.run_cfg is not None else {"train": to_dict(self.cfg)}
@@ -418,9 +479,10 @@ class Trainer:
         vals = torch.stack(self.step_losses)
         nonfinite = any_rank((~torch.isfinite(vals)).sum().float().reshape(1), self.world)
         if nonfinite.item() > 0:  # every rank stops together (no one hangs in the next all-reduce)
-            raise FloatingPointError(
-                f"non-finite loss at step {step} (groups {phase}): {vals.tolist()}; lower the learning "
-                "rate, enable max_grad_norm or check the inputs"
+            done = f"; the last checkpoint is {self.last_ckpt}" if self.last_ckpt is not None else ""
+            raise NonFiniteLossError(
+                f"non-finite loss at step {step} (groups {phase}): {vals.tolist()}{done}; lower the learning "
+                "rate (train.lr / train.default_lr), set train.max_grad_norm or check the inputs"
             )
 
     # -- 4. log / checkpoint / sample / evaluate --------------------------------------------------
@@ -451,7 +513,8 @@ class Trainer:
             path = save_checkpoint(
                 self.out_dir, step, modules=self.groups, optimizers=self.optimizers, schedulers=self.schedulers,
                 scalers=self.scalers, ema=self._ema_pair(), extra=extra,
-                trainer_state={"config_hash": self.chash, "world_size": self.world, "grad_accum_steps": self.accum},
+                trainer_state={"config_hash": self.chash, "world_size": self.world, "grad_accum_steps": self.accum,
+                               "config": self._trajectory_config()},
             )
             rotate_checkpoints(self.out_dir, self.cfg.checkpoints_total_limit)
             return path
@@ -498,6 +561,7 @@ class Trainer:
         self.pbar = tqdm(total=cfg.max_steps, initial=min(self.start, cfg.max_steps),
                          disable=not (cfg.progress and self.acc.is_local_main_process), desc="train",
                          dynamic_ncols=True)
+        previous_handler = self._catch_ctrl_c()
         try:
             for step in range(self.start, cfg.max_steps):
                 t0 = time.perf_counter()
@@ -507,12 +571,57 @@ class Trainer:
                 self.meter.add("time/step_s", elapsed)
                 self.pbar.update(1)
                 self.after_step(step + 1)
+                if self._stop_now():
+                    self.stop_at_safe_point(step + 1)
             self.finish()
         finally:
+            if previous_handler is not None:
+                signal.signal(signal.SIGINT, previous_handler)
             self.pbar.close()
             if self.own_trackers:
                 self.acc.end_training()
         return self.result()
+
+    # -- Ctrl-C -------------------------------------------------------------------------------------
+    def _catch_ctrl_c(self):
+        """The first Ctrl-C only asks the loop to stop after the current step (the weights of a
+        half-done step are never saved); a second one stops at once.  Installed only over Python's
+        default handler, in the main thread; returns the handler to restore (or None)."""
+        self.stop_requested = False
+        if threading.current_thread() is not threading.main_thread():
+            return None
+        previous = signal.getsignal(signal.SIGINT)
+        if previous is not signal.default_int_handler:
+            return None
+
+        def on_sigint(signum, frame):
+            if self.stop_requested:
+                raise KeyboardInterrupt
+            self.stop_requested = True
+            if self.acc.is_main_process:
+                print("\n[stepdistill] Ctrl-C: stopping after this step and writing a checkpoint "
+                      "(press Ctrl-C again to stop at once, losing the steps since the last checkpoint)",
+                      file=sys.stderr, flush=True)
+
+        signal.signal(signal.SIGINT, on_sigint)
+        return previous
+
+    def _stop_now(self) -> bool:
+        flag = bool(getattr(self, "stop_requested", False))
+        if self.world > 1:  # every rank stops at the same step
+            flag = any_rank(torch.tensor([float(flag)], device=self.device), self.world).item() > 0
+        return flag
+
+    def stop_at_safe_point(self, done: int) -> None:
+        """After step ``done`` completed: write its checkpoint (unless just written) and raise
+        :class:`~stepdistill.errors.Interrupted` with how to resume."""
+        if self.saved_at != done:
+            self.checkpoint(done)
+        raise Interrupted(
+            f"stopped after step {done} of {self.cfg.max_steps}; checkpoint {self.last_ckpt} written; "
+            f"resume by running the same command again (train.resume=latest, the default, continues from it; "
+            f"train.output_dir={self.out_dir})"
+        )
 
     def finish(self) -> None:
         """The last checkpoint, grid and evaluation (unless the last step already wrote them)."""
