@@ -122,3 +122,66 @@ def test_compare_resumes_an_interrupted_method(setup, tmp_path):
     rows = compare(str(teacher), presets[:1], out, steps=2, overrides=COMMON + [f"train.dataset=prompts:{prompts}"],
                    num_images=4, seeds=[0], prompts=str(prompts), sheet_columns=2, quiet=True)
     assert rows[0]["resumed_from"] is not None and rows[0]["train_steps"] == 2
+
+
+# every t2i preset, shrunk to a few steps on the tiny teacher: trains and exports the pipeline its
+# docs promise (stock StableDiffusionPipeline + LCMScheduler with the timesteps recorded; MSD's
+# prompt-routing pipeline)
+SHRINK = {
+    "t2i/dmd2_1step": (3, ["algorithm.params.regression_steps=1", "algorithm.params.regression_pairs=4",
+                           "algorithm.params.regression_sampler_steps=2", "algorithm.params.critic_warmup_steps=0",
+                           "algorithm.params.update_ratio=1"], [999]),
+    "t2i/dmd2_4step": (2, ["algorithm.params.critic_warmup_steps=0", "algorithm.params.update_ratio=1"],
+                       [999, 749, 499, 249]),
+    "t2i/vsd": (2, ["algorithm.params.lora_rank=2", "algorithm.params.lora_alpha=2.0"], [999]),
+    "t2i/boot": (2, [], [20]),
+    "t2i/disback_dmd2": (4, ["algorithm.params.recording_steps=1", "algorithm.params.num_nodes=1",
+                             "algorithm.params.switch_every_steps=1", "algorithm.params.base_params.regression_steps=1",
+                             "algorithm.params.base_params.regression_pairs=4",
+                             "algorithm.params.base_params.regression_sampler_steps=2",
+                             "algorithm.params.base_params.update_ratio=1"], [999]),
+    "t2i/disback_vsd": (3, ["algorithm.params.recording_steps=1", "algorithm.params.num_nodes=1",
+                            "algorithm.params.switch_every_steps=1", "algorithm.params.base_params.lora_rank=2",
+                            "algorithm.params.base_params.lora_alpha=2.0"], [999]),
+    "t2i/msd_k4": (8, ["algorithm.params.base_params.regression_steps=1", "algorithm.params.base_params.regression_pairs=4",
+                       "algorithm.params.base_params.regression_sampler_steps=2",
+                       "algorithm.params.base_params.critic_warmup_steps=0",
+                       "algorithm.params.base_params.update_ratio=1"], [999]),
+}
+
+
+def test_every_t2i_preset_is_covered():
+    from stepdistill.config import list_presets
+
+    assert {p for p in list_presets() if p.startswith("t2i/") and p != "t2i/teacher"} == set(SHRINK)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", sorted(SHRINK))
+def test_t2i_preset_trains_and_exports_on_a_tiny_teacher(preset, setup, tmp_path):
+    import torch
+    from diffusers import DiffusionPipeline
+
+    from stepdistill.config import load_config
+    from stepdistill.run import run_distillation
+
+    teacher, _, _ = setup
+    steps, extra, timesteps = SHRINK[preset]
+    cfg = load_config(preset, [*COMMON, f"train.output_dir={tmp_path / 'run'}", f"train.max_steps={steps}",
+                               f"train.checkpoint_every_steps={steps}", *extra])
+    cfg.teacher.kind, cfg.teacher.path, cfg.teacher.params = "diffusers", str(teacher), {}
+    res = run_distillation(cfg)
+    folder = res["pipeline"]
+    index = json.loads((tmp_path / "run" / "pipeline" / "model_index.json").read_text())
+    sched = json.loads((tmp_path / "run" / "pipeline" / "scheduler" / "scheduler_config.json").read_text())
+    assert sched["_class_name"] == "LCMScheduler" and sched["_stepdistill_timesteps"] == timesteps
+    if preset == "t2i/msd_k4":
+        assert index["_class_name"] == ["multi_student", "TextMultiStudentPipeline"]
+        pipe = DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)
+        assert len(set(index["route_students"])) == 4
+    else:
+        assert index["_class_name"] == "StableDiffusionPipeline"
+        pipe = DiffusionPipeline.from_pretrained(folder)
+    out = pipe(["a red seven on a blue background"], generator=torch.Generator().manual_seed(0), output_type="np",
+               **({} if preset == "t2i/msd_k4" else {"timesteps": timesteps, "guidance_scale": 1.0}))
+    assert out.images.shape[0] == 1 and (out.images == out.images).all()

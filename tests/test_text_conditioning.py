@@ -267,3 +267,26 @@ def test_msd_students_see_their_prompts(layout_teacher, tmp_path):
         out = d.loss(src.batch(0, 0, 1, 2), 0, g, cache)
         assert torch.isfinite(out.loss)
     assert cache["msd_cache0"]["cond"] is not None
+
+
+def test_sample_grid_of_a_text_teacher_uses_the_run_prompts(sd_teacher, prompt_file):
+    """The training-time grid of a text teacher shows the run's prompts (it drew null-prompt samples)."""
+    d = build("dmd2", sd_teacher, CASES["dmd2"])
+    d.build_source(TrainConfig(dataset=f"prompts:{prompt_file}"))
+    assert d.grid_conditions(10) == [PROMPTS[i % len(PROMPTS)] for i in range(10)]
+    img = d.sample_images(2, torch.Generator().manual_seed(0))
+    assert img.shape[0] == 2 and torch.isfinite(img).all()
+
+
+def test_msd_text_students_share_one_prompted_regression_set(sd_teacher, prompt_file):
+    d = _msd(sd_teacher, base_params={"update_ratio": 1, "generator_timesteps": [899], "regression_steps": 1,
+                                      "regression_pairs": 4, "regression_sampler_steps": 2})
+    d.build_source(TrainConfig(dataset=f"prompts:{prompt_file}"))
+    pairs = {id(s._regression) for s in d.students}
+    assert len(pairs) == 1 and d.students[0]._regression.prompt_source is not None
+    d.on_step_begin(0, True)
+    cache = {}
+    for g in d.phase(0):
+        assert torch.isfinite(d.loss({"raw_cond": PROMPTS[:2], "real": None, "batch_size": 2}, 0, g, cache).loss)
+    rows = d.students[0]._regression.rows(torch.arange(4), "cpu")
+    assert set(rows[2]) <= set(PROMPTS)  # prompted pairs

@@ -99,10 +99,16 @@ class Distiller(TrainingTask, ABC):
 
     def grid_conditions(self, n: int, generator: torch.Generator | None = None):
         """Raw conditions of the sample grid: classes ``0, 1, 2, ...`` cycling for class-conditional
-        teachers, the teacher's random draw otherwise (prompts), None when unconditional."""
+        teachers, the run's prompts cycling for text teachers (:meth:`build_source` keeps the
+        source), the teacher's random draw otherwise, None when unconditional."""
         raw = self.teacher.random_raw_conditions(n, generator)
         if raw is not None and getattr(self.teacher, "num_classes", None):
             raw = torch.arange(n, device="cpu") % self.teacher.num_classes  # host data, encoded later
+        if raw is None and is_text_conditional(self.teacher):
+            # text teachers: the run's first prompts, cycling (a grid of null-prompt samples shows nothing)
+            prompts = getattr(getattr(self, "condition_source", None), "prompts", None)
+            if prompts:
+                raw = [prompts[i % len(prompts)] for i in range(n)]
         return raw
 
     def sample_images(self, n: int, generator: torch.Generator | None = None) -> Tensor | None:

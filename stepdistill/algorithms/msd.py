@@ -146,13 +146,17 @@ class MSD(Distiller):
         base_cls = REGISTRY[c.base]
         base_cfg = from_dict(base_cls.Config, c.base_params, prefix="algorithm.params.base_params.")
         pairs = None
+        self._pair_args = None
         if getattr(base_cfg, "regression_steps", 0) > 0:
             n_pairs = c.shared_regression_pairs or base_cfg.regression_pairs
             # one set shared by the students (made on first use, on the teacher's device)
-            pairs = RegressionPairs(teacher, n_pairs, num_steps=base_cfg.regression_sampler_steps,
-                                    sampler=base_cfg.regression_sampler, guidance_scale=base_cfg.real_guidance_scale,
-                                    seed=base_cfg.regression_seed, shard_size=base_cfg.regression_shard_size,
-                                    batch_size=base_cfg.regression_batch_size, root=base_cfg.pairs_dir)
+            self._pair_args = dict(num_pairs=n_pairs, num_steps=base_cfg.regression_sampler_steps,
+                                   sampler=base_cfg.regression_sampler, guidance_scale=base_cfg.real_guidance_scale,
+                                   seed=base_cfg.regression_seed, shard_size=base_cfg.regression_shard_size,
+                                   batch_size=base_cfg.regression_batch_size, root=base_cfg.pairs_dir)
+            self._regression_prompts = getattr(base_cfg, "regression_prompts", None)
+            if not self.text:  # text teachers: made in build_source, once the run's prompts are known
+                pairs = RegressionPairs(teacher, **self._pair_args)
             base_cfg.regression_pairs = 1  # each student gets the shared set below instead of its own
         self.small = c.width_multiplier != 1.0
         students = []
@@ -218,7 +222,20 @@ class MSD(Distiller):
         source = super().build_source(train_cfg, rank, world)
         if self.text and self.text_route is None:
             self._text_partition()
+        if self.text and self._pair_args is not None:
+            self._share_text_pairs(source)
         return source
+
+    def _share_text_pairs(self, source) -> None:
+        """One prompted regression set (the run's prompts, or base_params.regression_prompts; CFG
+        real_guidance_scale) shared by every student, unfiltered (paper App. B.2)."""
+        if self._regression_prompts is not None:
+            from ..data.sources import PromptSource
+
+            source = PromptSource(self._regression_prompts, seed=self._pair_args["seed"])
+        pairs = RegressionPairs(self.teacher, **self._pair_args, prompt_source=source)
+        for s in self.students:
+            s._regression = pairs
 
     @staticmethod
     def _class_embeddings(teacher, num_classes):
