@@ -260,8 +260,8 @@ def test_adapter_only_export_and_ema(exported, tmp_path):
     ema[key] += 0.5
     out = export_generator(gen, case["teacher"], tmp_path / "adapter", algorithm="dmd2", lora="adapter",
                            use_ema_state=ema)
-    assert sorted(p.name for p in out.iterdir()) == ["README.md", "pytorch_lora_weights.safetensors", "scheduler",
-                                                     "stepdistill.json"]
+    assert sorted(p.name for p in out.iterdir()) == [".stepdistill-export", "README.md",
+                                                     "pytorch_lora_weights.safetensors", "scheduler", "stepdistill.json"]
     state = load_file(out / "pytorch_lora_weights.safetensors")
     module = key.split("denoiser.model.")[1].split(".lora_B")[0]
     (up,) = [v for k, v in state.items() if module in k and ("lora_B" in k or "lora.up" in k)]
@@ -354,10 +354,14 @@ def test_trainer_checkpoints_resumes_and_exports_a_lora_student(sd_teacher, tmp_
     from stepdistill.config import TrainConfig
     from stepdistill.training.loop import train
 
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red seven\na blue two\n")  # a text teacher trains on prompts (no prompts is refused)
+
     def run(steps):
         algo = build("dmd2", sd_teacher, {"generator_timesteps": [899], "real_guidance_scale": 3.0,
                                           "update_ratio": 1, "generator_lora": dict(LORA)})
-        cfg = TrainConfig(output_dir=str(tmp_path / "run"), max_steps=steps, batch_size=2, checkpoint_every_steps=2,
+        cfg = TrainConfig(output_dir=str(tmp_path / "run"), dataset=f"prompts:{prompts}", max_steps=steps,
+                          batch_size=2, checkpoint_every_steps=2,
                           ema_decay=0.9, report_to=None, progress=False, sample_every_steps=0, log_every_steps=1)
         return algo, train(algo, algo.build_source(cfg), cfg)
 
