@@ -79,6 +79,7 @@ class TrainConfig:
     warmup_steps: int = 0
     max_grad_norm: float | None = 10.0
     mixed_precision: str | None = None  # no | bf16 | fp16; null = the launcher's choice (else "no")
+    sharding: str | None = None  # null (replicated) | fsdp2 (trainable groups sharded; also an FSDP launch)
     ema_decay: float | None = None  # EMA of the generator; None disables
     checkpoint_every_steps: int = 500
     checkpoints_total_limit: int | None = 2

@@ -638,9 +638,11 @@ def test_on_step_begin_runs_once_per_step_also_after_resume(tmp_path):
 
 
 def test_fsdp_and_deepspeed_launches_are_refused(tmp_path, monkeypatch):
-    for var, word in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
+    # an FSDP launch is a sharded run (tests/test_fsdp.py); with one process it says it cannot shard
+    for var, msg in (("ACCELERATE_USE_FSDP", "fsdp2 needs a multi-process launch"),
+                     ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed launches are not supported")):
         monkeypatch.setenv(var, "true")
-        with pytest.raises(ConfigError, match=f"{word} launches are not supported"):
+        with pytest.raises(ConfigError, match=msg):
             run(tmp_path / var, max_steps=1)
         monkeypatch.delenv(var)
 

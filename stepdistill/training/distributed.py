@@ -6,10 +6,12 @@ and ``requires_grad`` toggling break on that): every rank starts from rank 0's w
 micro-batches (:func:`all_reduce_grads`).  Files are written by the main process only
 (:func:`on_main`, which tells every rank whether it worked so no one hangs).
 
-Supported launches: one process, or ``accelerate launch`` multi-process without a sharding plugin
-(``MULTI_GPU``, ``MULTI_CPU``, ...).  DeepSpeed and FSDP launches are refused by
-:func:`make_accelerator` / :func:`check_launch` with a one-line message (FSDP2 sharding is issue 15;
-this module is where it goes).
+Supported launches: one process, ``accelerate launch`` multi-process (``MULTI_GPU``, ``MULTI_CPU``,
+...), and sharded runs -- ``train.sharding: fsdp2`` or an ``accelerate launch`` FSDP launch, which
+stepdistill reads as "shard the trainable groups with FSDP2" (:mod:`stepdistill.training.sharded`;
+the Accelerator itself is then made without accelerate's FSDP plugin, and the start line says
+``sharding=fsdp2``).  DeepSpeed launches are refused by :func:`make_accelerator` /
+:func:`check_launch` with a one-line message.
 """
 
 from __future__ import annotations
@@ -29,9 +31,9 @@ logger = logging.getLogger("stepdistill.training")
 
 _BUCKET_NUMEL = 1 << 23  # 32 MiB of fp32 per all-reduce
 
+SHARDING_KINDS = ("fsdp2",)
+
 _REFUSED = {
-    "FSDP": "FSDP launches are not supported yet (issue 15: FSDP2 sharding); launch without an FSDP config "
-            "(plain `accelerate launch`, gradients are all-reduced by stepdistill)",
     "DEEPSPEED": "DeepSpeed launches are not supported (stepdistill averages gradients itself and its "
                  "multi-group optimizers do not map onto a DeepSpeed engine); launch without a DeepSpeed config",
 }
@@ -48,12 +50,28 @@ def _env_true(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in ("1", "true", "yes")
 
 
-def check_launch(acc: Any = None) -> None:
-    """Refuse DeepSpeed and FSDP launches: from the launcher's environment (before an Accelerator
-    exists) or from ``acc.distributed_type``."""
-    kinds = []
+def sharding_request(cfg: Any, acc: Any = None) -> tuple[str | None, str]:
+    """``(kind, why)`` of the sharding this run asked for: ``("fsdp2", "train.sharding: fsdp2")``,
+    ``("fsdp2", "FSDP launch ...")`` (``ACCELERATE_USE_FSDP`` or an FSDP accelerator) or ``(None, "")``."""
+    value = getattr(cfg, "sharding", None)
+    if value is not None and str(value).strip().lower() not in ("", "none", "no", "null", "false"):
+        kind = str(value).strip().lower()
+        if kind not in SHARDING_KINDS:
+            raise ConfigError(f"train.sharding must be null or one of {', '.join(SHARDING_KINDS)}, got {value!r}")
+        return kind, "train.sharding: fsdp2"
     if _env_true("ACCELERATE_USE_FSDP"):
-        kinds.append("FSDP")
+        version = os.environ.get("FSDP_VERSION", "1")
+        return "fsdp2", (f"FSDP launch, fsdp_version {version}: stepdistill shards with FSDP2 fully_shard itself, "
+                         "accelerate's FSDP plugin options are not used")
+    if acc is not None and "FSDP" in str(getattr(acc.distributed_type, "value", acc.distributed_type)).upper():
+        return "fsdp2", "FSDP accelerator: stepdistill shards with FSDP2 fully_shard itself"
+    return None, ""
+
+
+def check_launch(acc: Any = None) -> None:
+    """Refuse DeepSpeed launches: from the launcher's environment (before an Accelerator exists) or
+    from ``acc.distributed_type``.  (FSDP launches are sharded runs: :func:`sharding_request`.)"""
+    kinds = []
     if _env_true("ACCELERATE_USE_DEEPSPEED"):
         kinds.append("DEEPSPEED")
     if acc is not None:
@@ -97,16 +115,22 @@ def make_accelerator(cfg: Any):
     project = ProjectConfiguration(project_dir=str(cfg.output_dir), logging_dir=str(cfg.output_dir))
     kw = dict(mixed_precision=cfg.mixed_precision, log_with=tracker_backend(cfg.report_to), project_config=project)
     _reset_stale_state(cfg.mixed_precision)
-    acc = Accelerator(**kw)
+    fsdp_env = os.environ.pop("ACCELERATE_USE_FSDP", None)  # stepdistill shards itself (sharded.py)
+    try:
+        acc = Accelerator(**kw)
+    finally:
+        if fsdp_env is not None:
+            os.environ["ACCELERATE_USE_FSDP"] = fsdp_env
     check_launch(acc)
     return acc
 
 
-def describe_launch(acc: Any) -> str:
-    """One line: distributed type, processes, device and mixed precision of this launch."""
+def describe_launch(acc: Any, cfg: Any = None) -> str:
+    """One line: distributed type, processes, device, mixed precision and sharding of this launch."""
     kind = getattr(acc.distributed_type, "value", acc.distributed_type)
+    sharding = sharding_request(cfg, acc)[0] if cfg is not None else None
     return (f"distributed_type={kind} processes={acc.num_processes} device={acc.device.type} "
-            f"mixed_precision={acc.mixed_precision}")
+            f"mixed_precision={acc.mixed_precision} sharding={sharding or 'none (replicated)'}")
 
 
 def total_norm(grads: list[Tensor]) -> Tensor:
@@ -224,5 +248,7 @@ __all__ = [
     "make_accelerator",
     "on_main",
     "reduce_logs",
+    "sharding_request",
+    "SHARDING_KINDS",
     "total_norm",
 ]

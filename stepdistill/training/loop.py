@@ -267,8 +267,8 @@ class Trainer:
         self.accum = cfg.grad_accum_steps
         self.chash = config_hash(cfg, self.run_cfg)
         if acc.is_main_process and cfg.progress:
-            print(f"[stepdistill] training {self.task.name}: {describe_launch(acc)}", flush=True)
-        logger.info("launch: %s", describe_launch(acc))
+            print(f"[stepdistill] training {self.task.name}: {describe_launch(acc, cfg)}", flush=True)
+        logger.info("launch: %s", describe_launch(acc, cfg))
         self._setup_groups()
         self._resume()
         on_main(acc, self._prepare_files, "writing config.yaml")
@@ -288,6 +288,7 @@ class Trainer:
         task.to(self.device)
         for m in groups.values():  # in case a group is not registered as a submodule
             m.to(self.device)
+        self.prepare_groups(groups)
         self.params = group_params(task, groups)
         betas = (float(cfg.adam_betas[0]), float(cfg.adam_betas[1]))
         self.optimizers = {
@@ -300,10 +301,23 @@ class Trainer:
         self.scalers = (
             {g: torch.amp.GradScaler(self.device.type) for g in groups} if self.acc.scaler is not None else {}
         )
-        if self.world > 1:
-            broadcast_modules(list(groups.values()))
         self.ema_group = ema_group_of(task, groups) if cfg.ema_decay is not None else None
         self.ema = EMA(groups[self.ema_group], cfg.ema_decay) if self.ema_group is not None else None
+
+    def prepare_groups(self, groups: dict[str, nn.Module]) -> None:
+        """Before the optimizers exist: every rank starts from rank 0's weights (the FSDP2 trainer,
+        :mod:`stepdistill.training.sharded`, also shards the groups here)."""
+        if self.world > 1:
+            broadcast_modules(list(groups.values()))
+
+    def reduce_grads(self, group: str, params: list[nn.Parameter]) -> None:
+        """Average the group's gradients over processes (sharded groups: FSDP2 did it in backward)."""
+        all_reduce_grads(params, self.world)
+
+    def load_state(self, ckpt: Path) -> tuple[dict, dict | None]:
+        """Restore groups, optimizers, schedulers, scalers and EMA from ``ckpt``; (trainer_state, extra)."""
+        return load_checkpoint(ckpt, modules=self.groups, optimizers=self.optimizers,
+                               schedulers=self.schedulers, scalers=self.scalers, ema=self._ema_pair())
 
     def _ema_pair(self):
         return (self.ema_group, self.ema) if self.ema is not None else None
@@ -324,8 +338,7 @@ class Trainer:
         self.saved_at, self.sampled_at, self.evaluated_at = (0 if ckpt is not None else -1), -1, -1
         if ckpt is None:
             return
-        state, extra = load_checkpoint(ckpt, modules=self.groups, optimizers=self.optimizers,
-                                       schedulers=self.schedulers, scalers=self.scalers, ema=self._ema_pair())
+        state, extra = self.load_state(ckpt)
         self.start = self.saved_at = int(state["step"])
         if self.ema is not None and "ema" not in state:  # EMA newly enabled: start from resumed weights
             self.ema = EMA(self.groups[self.ema_group], cfg.ema_decay)
@@ -439,7 +452,7 @@ class Trainer:
     def apply_update(self, step: int, group: str) -> None:
         cfg, params = self.cfg, self.params[group]
         opt, scaler = self.optimizers[group], self.scalers.get(group)
-        all_reduce_grads(params, self.world)
+        self.reduce_grads(group, params)
         if all(p.grad is None for p in params) and group not in self.warned_nograd:
             self.warned_nograd.add(group)
             logger.warning("group %r received no gradient at step %d (its loss ignores its weights?)", group, step)
@@ -695,5 +708,12 @@ def train(
         "train_seconds"}`` where ``ema`` is the EMA group's ``state_dict()`` with averaged weights
         (None without EMA) and ``ema_model`` the :class:`~stepdistill.training.ema.EMA` object.
     """
-    return Trainer(distiller, source, cfg, sample_fn=sample_fn, eval_fn=eval_fn, accelerator=accelerator,
+    cls = Trainer
+    from .distributed import sharding_request
+
+    if sharding_request(cfg, accelerator)[0] is not None:
+        from .sharded import ShardedTrainer
+
+        cls = ShardedTrainer
+    return cls(distiller, source, cfg, sample_fn=sample_fn, eval_fn=eval_fn, accelerator=accelerator,
                    run_config=run_config, eval_every_steps=eval_every_steps, step_callback=step_callback).run()

@@ -25,6 +25,7 @@ TRAJECTORY_FREE_KEYS = (
     "report_to",
     "progress",
     "num_workers",
+    "sharding",  # the same update up to float summation order (tests/test_fsdp.py)
 )
 
 _MIXED_PRECISION = ("no", "bf16", "fp16")

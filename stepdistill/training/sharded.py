@@ -1,0 +1,443 @@
+"""FSDP2 sharding of the trainable groups (``train.sharding: fsdp2`` or an ``accelerate launch`` FSDP
+launch) and sharded checkpoints with ``torch.distributed.checkpoint`` (DCP).
+
+Why ``fully_shard`` directly and not accelerate's ``fsdp_version: 2`` plugin: the trainer does not
+``accelerator.prepare`` its models (several groups, each with its own optimizer, generator losses
+back-propagating through critics, ``requires_grad`` toggled per phase); ``fully_shard`` is a
+per-module call that fits that loop, while the plugin wants one prepared model/optimizer pair.  An
+FSDP launch (``ACCELERATE_USE_FSDP``) is therefore read as "shard with FSDP2", said at start, and
+accelerate's FSDP plugin options are not used.
+
+What is sharded, and how (:func:`shard_group`):
+
+* each trainable group separately, on a 1-D mesh over all processes: its blocks, found top-down as
+  the submodules holding at least 1/16 of the group's parameters (UNet down/up/mid blocks,
+  transformer blocks; :func:`shard_group`), then the group's root (the remaining parameters);
+* groups whose module holds frozen parameters of the teacher (LoRA generator / critic sharing the
+  teacher's base weights) stay replicated (they are small) and are reported;
+* the frozen teacher, text encoders and VAE are not sharded: they stay replicated (in bf16/fp16
+  where ``teacher.dtype`` says so);
+* no ``MixedPrecisionPolicy``: parameters stay float32 and compute precision comes from
+  ``accelerator.autocast()`` as in the replicated path.  (NeMo reported that toggling
+  ``requires_grad`` per phase corrupts FSDP2 mixed-precision state; with the policy off, toggling
+  the critic's ``requires_grad`` in the generator phase is tested here on CPU: same weights as the
+  replicated run.)
+
+Gradient reduction is FSDP2's reduce-scatter (mean over ranks) in each backward; while group ``g``
+runs its micro-batches every *other* sharded group has ``set_requires_gradient_sync(False)`` (the
+generator loss back-propagating through a critic that still requires grad then leaves only local
+gradients there, which are zeroed, never communicated).  Gradient clipping works on the DTensor
+gradients (``clip_grad_norm_`` computes the global norm).  The EMA shadow holds DTensors (the
+local shards), so it is sharded too.
+
+Checkpoints keep the usual folder (:mod:`.checkpoint`) with, in addition, ``sharded/`` -- a DCP
+checkpoint of every group's sharded weights, optimizer states and EMA shadow, written by all ranks
+-- from which a sharded run resumes exactly.  The ``<group>.safetensors`` / ``<group>_ema.safetensors``
+files hold the *full* weights gathered on rank 0, so ``stepdistill export`` and
+``load_checkpoint_weights`` read a sharded run's checkpoint like any other; ``optimizer-<group>.pt``
+is a small marker pointing at ``sharded/``.  At the end of a sharded run the groups are gathered
+back into plain modules (full weights on every rank), so exporting a diffusers folder, sampling and
+evaluation after ``train()`` see ordinary ``nn.Module`` s.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..config import ConfigError
+from .checkpoint import (
+    CheckpointError,
+    _load_pt,
+    checkpoint_path,
+    checkpoints_dir,
+    module_state_for_save,
+    read_trainer_state,
+    rotate_checkpoints,
+    save_checkpoint,
+)
+from .distributed import SHARDING_KINDS, broadcast_modules, on_main, sharding_request
+from .ema import EMA
+from .loop import Trainer
+
+logger = logging.getLogger("stepdistill.training")
+
+SHARDED_DIR = "sharded"
+
+__all__ = ["SHARDING_KINDS", "ShardedTrainer", "sharding_request", "shard_group", "local_param_bytes",
+           "full_state_dict", "is_sharded"]
+
+
+def is_sharded(module: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(module, FSDPModule)
+
+
+def _own_numel(module: nn.Module, covered: set[int]) -> int:
+    return sum(p.numel() for p in module.parameters() if id(p) not in covered)
+
+
+def shard_group(module: nn.Module, mesh: Any, min_params: int | None = None) -> list[str]:
+    """``fully_shard`` the blocks of ``module``, then the root; returns the sharded block names.
+
+    Top-down: a submodule with at least ``min_params`` parameters (default ``total // 16``) is a
+    unit (UNet down/mid/up blocks, transformer blocks) unless it holds more than half of the group,
+    then its children are tried instead; containers without a forward (``ModuleList`` /
+    ``ModuleDict``) are never units (FSDP2 gathers in forward hooks), only their children."""
+    from torch.distributed.fsdp import fully_shard
+
+    total = sum(p.numel() for p in module.parameters())
+    threshold = max(total // 16, 1) if min_params is None else int(min_params)
+    chosen: list[tuple[str, nn.Module]] = []
+
+    def visit(prefix: str, m: nn.Module) -> None:
+        for child_name, child in m.named_children():
+            name = f"{prefix}{child_name}"
+            n = sum(p.numel() for p in child.parameters())
+            if n < threshold:
+                continue
+            container = isinstance(child, (nn.ModuleList, nn.ModuleDict))
+            if container or (n > total // 2 and any(True for _ in child.children())):
+                visit(f"{name}.", child)
+                if container:
+                    continue
+                if sum(p.numel() for p in child.parameters(recurse=False)) == 0:
+                    continue
+            else:
+                chosen.append((name, child))
+
+    visit("", module)
+    for _, m in chosen:
+        fully_shard(m, mesh=mesh)
+    fully_shard(module, mesh=mesh)
+    return [n for n, _ in chosen]
+
+
+def _is_dtensor(t: Any) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def _full(t: Tensor) -> Tensor:
+    return t.full_tensor() if _is_dtensor(t) else t
+
+
+def local_param_bytes(modules: list[nn.Module]) -> int:
+    """Bytes of parameters this rank holds (local shards of DTensors)."""
+    n = 0
+    for m in modules:
+        for p in m.parameters():
+            t = p.to_local() if _is_dtensor(p) else p
+            n += t.numel() * t.element_size()
+    return n
+
+
+def local_optimizer_bytes(optimizers: list[torch.optim.Optimizer]) -> int:
+    n = 0
+    for opt in optimizers:
+        for st in opt.state.values():
+            for v in st.values():
+                if isinstance(v, Tensor) and v.dim() > 0:
+                    t = v.to_local() if _is_dtensor(v) else v
+                    n += t.numel() * t.element_size()
+    return n
+
+
+def full_state_dict(module: nn.Module) -> dict[str, Tensor]:
+    """The full (gathered) state dict on every rank; collective for a sharded module."""
+    return {k: _full(v).detach().clone() for k, v in module.state_dict().items()}
+
+
+def _meta_skeleton(module: nn.Module, task: nn.Module | None = None) -> nn.Module:
+    """A deep copy of ``module`` whose parameters and buffers are on the meta device (no memory);
+    modules and tensors of ``task`` outside ``module`` (e.g. a teacher it refers to) are shared."""
+    memo: dict[int, Any] = {}
+    if task is not None:
+        inside = {id(m) for m in module.modules()}
+        for m in task.modules():
+            if id(m) not in inside:
+                memo[id(m)] = m
+        for t in list(task.parameters()) + list(task.buffers()):
+            memo[id(t)] = t
+    for p in module.parameters():
+        memo[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+    for b in module.buffers():
+        memo[id(b)] = torch.empty_like(b, device="meta")
+    return copy.deepcopy(module, memo)
+
+
+def _find_path(root: nn.Module, target: nn.Module) -> str | None:
+    for name, m in root.named_modules():
+        if m is target:
+            return name
+    return None
+
+
+def _set_submodule(root: nn.Module, path: str, new: nn.Module) -> None:
+    parent_path, _, attr = path.rpartition(".")
+    parent = root.get_submodule(parent_path) if parent_path else root
+    setattr(parent, attr, new)
+
+
+class ShardedTrainer(Trainer):
+    """:class:`~stepdistill.training.loop.Trainer` with FSDP2-sharded trainable groups (module doc)."""
+
+    sharding_why = "train.sharding"
+
+    # -- set-up -------------------------------------------------------------------------------
+    def prepare_groups(self, groups: dict[str, nn.Module]) -> None:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        self.sharding_why = sharding_request(self.cfg, self.acc)[1] or self.sharding_why
+
+        if self.world > 1:
+            broadcast_modules(list(groups.values()))  # every rank shards rank 0's weights
+        frozen = {id(p) for m in self.task.frozen_modules() for p in m.parameters()}
+        mesh = init_device_mesh(self.device.type, (self.world,)) if self.world > 1 else None
+        if mesh is None:
+            import torch.distributed as dist
+
+            if not dist.is_initialized():  # a 1-process sharded run: a world of one (for tests, plan checks)
+                raise ConfigError("train.sharding: fsdp2 needs a multi-process launch (accelerate launch "
+                                  "--num_processes N); with one process leave train.sharding null")
+            mesh = init_device_mesh(self.device.type, (1,))
+        self.sharded_groups: list[str] = []
+        self.replicated_groups: list[str] = []
+        self.skeletons: dict[str, tuple[str, nn.Module]] = {}
+        for name, module in groups.items():
+            if any(id(p) in frozen for p in module.parameters()):
+                self.replicated_groups.append(name)
+                continue
+            path = _find_path(self.task, module)
+            if path is None or path == "":
+                raise ConfigError(f"train.sharding: trainable group {name!r} is not a submodule of the task; "
+                                  "it cannot be sharded (register it as an attribute of the distiller)")
+            self.skeletons[name] = (path, _meta_skeleton(module, self.task))
+            blocks = shard_group(module, mesh)
+            self.sharded_groups.append(name)
+            logger.info("FSDP2: group %r sharded over %d processes (%d blocks + root)", name, self.world, len(blocks))
+        if self.acc.is_main_process and self.cfg.progress:
+            extra = (f"; replicated (share frozen teacher weights, LoRA): {', '.join(self.replicated_groups)}"
+                     if self.replicated_groups else "")
+            print(f"[stepdistill] sharding=fsdp2 ({self.sharding_why}): groups {', '.join(self.sharded_groups) or '-'} "
+                  f"sharded over {self.world} processes{extra}; frozen teacher replicated", flush=True)
+
+    def _sharded_modules(self) -> dict[str, nn.Module]:
+        return {g: self.groups[g] for g in self.sharded_groups}
+
+    # -- step ---------------------------------------------------------------------------------
+    def _restore_requires_grad(self) -> None:
+        """Put ``requires_grad=True`` back on the *sharded* parameters of every sharded group.
+
+        An algorithm that freezes a critic for the generator phase (``requires_grad_(False)`` before
+        its forward, ``(True)`` after) reaches the sharded parameters with the first call but, after
+        the forward, the root's *unsharded* ones (FSDP2 keeps the root unsharded until backward
+        ends), so the root's sharded parameters would stay frozen for good (found by
+        tests/test_fsdp.py: the critic stopped training).  FSDP2 copies the sharded flag onto the
+        unsharded parameter at every all-gather, so restoring it here, between groups, is enough."""
+        for g in self.sharded_groups:
+            for p in self.params[g]:
+                if not p.requires_grad:
+                    p.requires_grad_(True)
+
+    def run_group(self, step: int, pos: int, group: str, batches: list, caches: list[dict]) -> None:
+        for g, m in self._sharded_modules().items():
+            m.set_requires_gradient_sync(g == group)
+        self._restore_requires_grad()
+        try:
+            super().run_group(step, pos, group, batches, caches)
+        finally:
+            for m in self._sharded_modules().values():
+                m.set_requires_gradient_sync(True)
+            self._restore_requires_grad()
+
+    def reduce_grads(self, group: str, params: list[nn.Parameter]) -> None:
+        if group in self.sharded_groups:
+            return  # FSDP2 reduce-scattered (mean over ranks) in backward
+        super().reduce_grads(group, params)
+
+    def _log(self, key: str, value: Any) -> None:
+        if _is_dtensor(value):
+            value = value.full_tensor()
+        super()._log(key, value)
+
+    def sample(self, step: int) -> None:
+        """Sharded forward passes are collective: every rank runs ``sample_fn``, the main one saves."""
+        from .images import save_samples
+
+        self.sampled_at = step
+        with torch.no_grad():
+            x = self._with_ema(lambda: self.sample_fn(step))
+
+        def save() -> None:
+            if x is not None:
+                path = save_samples(x, self.out_dir / "samples" / f"step-{step:07d}.png", title=f"step {step}")
+                self.samples.append(str(path))
+
+        on_main(self.acc, save, f"saving the sample grid at step {step}")
+
+    # -- checkpoints --------------------------------------------------------------------------
+    def _dcp_state(self) -> dict[str, Any]:
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+        state: dict[str, Any] = {}
+        for g in self.sharded_groups:
+            m, opt = self.groups[g], self.optimizers[g]
+            state[f"model.{g}"] = get_model_state_dict(m)
+            state[f"optim.{g}"] = get_optimizer_state_dict(m, opt)
+        if self.ema is not None and self.ema_group in self.sharded_groups:
+            state["ema"] = dict(self.ema.shadow)
+        return state
+
+    def checkpoint(self, step: int) -> None:
+        import torch.distributed as dist
+        import torch.distributed.checkpoint as dcp
+
+        extra = self.task.state_dict_extra()
+        root = checkpoints_dir(self.out_dir)
+        if self.acc.is_main_process:
+            root.mkdir(parents=True, exist_ok=True)
+        staging = root / f".sharded-{step:07d}.tmp-run"
+        if self.acc.is_main_process and staging.exists():
+            shutil.rmtree(staging)
+        dist.barrier()
+        dcp.save(self._dcp_state(), checkpoint_id=str(staging))  # every rank writes its shards
+        # full weights (and EMA) gathered for export / load_checkpoint_weights, kept on the main process
+        full = {g: full_state_dict(m) for g, m in self.groups.items()}
+        ema_full = None
+        if self.ema is not None:
+            ema_full = {k: _full(v).detach().clone() for k, v in self.ema.state_dict_for(self.groups[self.ema_group]).items()}
+        dist.barrier()
+        trainer = self
+
+        def writer(folder: Path, *, modules, optimizers, schedulers, scalers, ema, extra, trainer_state) -> None:
+            from safetensors.torch import save_file
+
+            from .checkpoint import _fsync, _write_json
+
+            os.replace(staging, folder / SHARDED_DIR)
+            for name in modules:
+                save_file(module_state_for_save(full[name]), str(folder / f"{name}.safetensors"))
+            for name, opt in optimizers.items():
+                if name in trainer.sharded_groups:
+                    torch.save({"sharded": SHARDED_DIR, "key": f"optim.{name}"}, folder / f"optimizer-{name}.pt")
+                else:
+                    torch.save(opt.state_dict(), folder / f"optimizer-{name}.pt")
+            for name, sched in schedulers.items():
+                torch.save(sched.state_dict(), folder / f"scheduler-{name}.pt")
+            for name, scaler in scalers.items():
+                torch.save(scaler.state_dict(), folder / f"scaler-{name}.pt")
+            if ema is not None:
+                save_file(module_state_for_save(ema_full), str(folder / f"{ema[0]}_ema.safetensors"))
+            if extra is not None:
+                _write_json(folder / "extra.json", extra)
+            for f in folder.iterdir():
+                if f.is_file():
+                    _fsync(f)
+            _write_json(folder / "trainer_state.json", trainer_state)
+            _fsync(folder / "trainer_state.json")
+
+        def write() -> Path:
+            path = save_checkpoint(
+                self.out_dir, step, modules=self.groups, optimizers=self.optimizers, schedulers=self.schedulers,
+                scalers=self.scalers, ema=self._ema_pair(), extra=extra, writer=writer,
+                trainer_state={"config_hash": self.chash, "world_size": self.world, "grad_accum_steps": self.accum,
+                               "config": self._config_data(),
+                               "sharding": {"kind": "fsdp2", "groups": self.sharded_groups, "dir": SHARDED_DIR}},
+            )
+            rotate_checkpoints(self.out_dir, self.cfg.checkpoints_total_limit)
+            return path
+
+        on_main(self.acc, write, f"writing checkpoint {step}")
+        self.last_ckpt = checkpoint_path(self.out_dir, step)
+        self.saved_at = step
+
+    def load_state(self, ckpt: Path) -> tuple[dict, dict | None]:
+        import json
+
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+        ckpt = Path(ckpt)
+        state = read_trainer_state(ckpt)
+        info = state.get("sharding") or {}
+        if info.get("kind") != "fsdp2" or sorted(info.get("groups") or []) != sorted(self.sharded_groups):
+            raise CheckpointError(
+                f"checkpoint {ckpt} was not written by a sharded run with groups {sorted(self.sharded_groups)} "
+                f"(it has sharding={info or None}); resume it with the launch that wrote it, or start a new "
+                "output_dir (the weights can be exported with `stepdistill export`)")
+        target = self._dcp_state()
+        try:
+            dcp.load(target, checkpoint_id=str(ckpt / info.get("dir", SHARDED_DIR)))
+        except Exception as e:  # noqa: BLE001 - DCP raises several types (CheckpointException, ...)
+            raise CheckpointError(f"checkpoint {ckpt}: cannot read the sharded state: {e}") from e
+        for g in self.sharded_groups:
+            set_model_state_dict(self.groups[g], target[f"model.{g}"])
+            set_optimizer_state_dict(self.groups[g], self.optimizers[g], target[f"optim.{g}"])
+        for g in self.replicated_groups:
+            from safetensors.torch import load_file
+
+            self.groups[g].load_state_dict(load_file(str(ckpt / f"{g}.safetensors"), device=str(self.device)))
+            self.optimizers[g].load_state_dict(_load_pt(ckpt / f"optimizer-{g}.pt"))
+        for g, sched in self.schedulers.items():
+            sched.load_state_dict(_load_pt(ckpt / f"scheduler-{g}.pt"))
+        for g, scaler in self.scalers.items():
+            f = ckpt / f"scaler-{g}.pt"
+            if f.is_file():
+                scaler.load_state_dict(_load_pt(f))
+        meta = state.get("ema") or {}
+        if self.ema is not None and meta:
+            if "ema" in target:
+                with torch.no_grad():
+                    for k, v in target["ema"].items():
+                        self.ema.shadow[k].copy_(v)
+                self.ema.num_updates = int(meta.get("num_updates", 0))
+            else:
+                from safetensors.torch import load_file
+
+                self.ema.load_shadow(load_file(str(ckpt / f"{self.ema_group}_ema.safetensors")),
+                                     int(meta.get("num_updates", 0)))
+        extra = None
+        f = ckpt / "extra.json"
+        if f.is_file():
+            extra = json.loads(f.read_text())
+        return state, extra
+
+    # -- the end: plain modules again ---------------------------------------------------------
+    def _gather_back(self) -> None:
+        """Replace every sharded group by a plain module holding the full weights (every rank)."""
+        if getattr(self, "gathered", False):
+            return
+        ema_full = None
+        if self.ema is not None:
+            ema_full = {k: _full(v).detach().clone() for k, v in self.ema.shadow.items()}
+        for g in self.sharded_groups:
+            path, skeleton = self.skeletons[g]
+            full = full_state_dict(self.groups[g])
+            plain = skeleton.to_empty(device=self.device)
+            plain.load_state_dict(full, strict=True)
+            plain.train(self.groups[g].training)
+            _set_submodule(self.task, path, plain)
+            self.groups[g] = plain
+        if self.ema is not None:
+            ema = EMA.__new__(EMA)
+            ema.decay, ema.warmup, ema.num_updates = self.ema.decay, self.ema.warmup, self.ema.num_updates
+            ema.shadow = ema_full
+            self.ema = ema
+        self.gathered = True
+
+    def result(self) -> dict:
+        self._gather_back()
+        res = super().result()
+        res["sharding"] = {"kind": "fsdp2", "groups": list(self.sharded_groups),
+                           "replicated": list(self.replicated_groups), "why": self.sharding_why}
+        return res

@@ -1,0 +1,242 @@
+"""FSDP2 sharding of the trainable groups (stepdistill/training/sharded.py) on CPU with gloo.
+
+One ``accelerate launch --multi_gpu --num_processes 2`` (ACCELERATE_USE_CPU=1; see
+tests/test_training_distributed.py for why this launch form) runs, with ``train.sharding: fsdp2``:
+A) 4 steps uninterrupted, B) 2 steps then a resumed run to 4 in the same folder.  Checked here:
+the 2-process sharded weights (generator, critic, EMA) match a 1-process replicated run with 2
+micro-batches to float tolerance; each rank holds about half the parameter and optimizer bytes;
+the resumed sharded run equals the uninterrupted one exactly; checkpoints carry a DCP ``sharded/``
+folder plus full ``<group>.safetensors`` that load into a plain module; after ``train()`` the
+groups are plain modules again.  The generator phase back-propagates through the critic with its
+``requires_grad`` off (FSDP2 without a mixed-precision policy; see the sharded module's docstring).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from stepdistill.config import ConfigError
+from stepdistill.training.distributed import describe_launch, sharding_request
+
+TOY = Path(__file__).with_name("fsdp_toy.py")
+
+SCRIPT = r"""
+import importlib.util, json, sys
+import torch
+from safetensors.torch import save_file
+spec = importlib.util.spec_from_file_location("fsdp_toy", sys.argv[1])
+toy = importlib.util.module_from_spec(spec); spec.loader.exec_module(toy)
+from stepdistill.data.sources import ConditionSource
+from stepdistill.training.sharded import ShardedTrainer, is_sharded, local_optimizer_bytes, local_param_bytes
+
+torch.set_num_threads(1)
+root = sys.argv[2]
+
+def run(out, steps):
+    d = toy.FSDPToy()
+    cfg = toy.make_cfg(out, max_steps=steps, sharding="fsdp2")
+    holder = {}
+    def cb(done, logs):
+        if "bytes" not in holder and done % 2 == 0:
+            holder["sharded"] = all(is_sharded(m) for m in (d.generator, d.critic))
+            holder["bytes"] = {"params": local_param_bytes([d.generator, d.critic]),
+                               "optimizer": local_optimizer_bytes(list(t.optimizers.values()))}
+    t = ShardedTrainer(d, ConditionSource(d.gmm, seed=0), cfg, step_callback=cb)
+    res = t.run()
+    acc = res["accelerator"]
+    r = acc.process_index
+    state = {f"generator.{k}": v for k, v in d.generator.state_dict().items()}
+    state.update({f"critic.{k}": v for k, v in d.critic.state_dict().items()})
+    state.update({f"ema.{k}": v for k, v in res["ema"].items()})
+    save_file({k: v.contiguous() for k, v in state.items()}, f"{out}/rank{r}.safetensors")
+    info = {"world": acc.num_processes, "step": res["step"], "sharding": res["sharding"],
+            "plain_after": not any(is_sharded(m) for m in (d.generator, d.critic)),
+            "calls": d.generator_calls, **holder}
+    with open(f"{out}/rank{r}.json", "w") as f:
+        json.dump(info, f)
+
+run(f"{root}/a", 4)
+run(f"{root}/b", 2)
+run(f"{root}/b", 4)
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(tmp_path, script_text, args, nproc=2, mixed="no"):
+    script = tmp_path / "script.py"
+    script.write_text(script_text)
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", HF_HOME=str(tmp_path / "hf"))
+    cmd = ["accelerate", "launch", *(["--multi_gpu"] if nproc > 1 else []), "--num_processes", str(nproc),
+           "--num_machines", "1", "--mixed_precision", mixed, "--dynamo_backend", "no",
+           "--main_process_port", str(_free_port()), str(script), *map(str, args)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def _toy():
+    spec = importlib.util.spec_from_file_location("fsdp_toy_ref", TOY)
+    toy = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(toy)
+    return toy
+
+
+@pytest.mark.skipif(shutil.which("accelerate") is None, reason="accelerate CLI not on PATH")
+def test_fsdp2_two_processes_match_one_process_resume_and_export(tmp_path):
+    from safetensors.torch import load_file
+
+    from stepdistill.data.sources import ConditionSource
+    from stepdistill.training import load_checkpoint_weights, train
+
+    _launch(tmp_path, SCRIPT, [TOY, tmp_path])
+    a, b = tmp_path / "a", tmp_path / "b"
+    infos = [json.loads((a / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [i["world"] for i in infos] == [2, 2] and [i["step"] for i in infos] == [4, 4]
+    assert all(i["sharded"] and i["plain_after"] for i in infos)
+    assert infos[0]["sharding"]["groups"] == ["generator", "critic"]
+    w0, w1 = load_file(str(a / "rank0.safetensors")), load_file(str(a / "rank1.safetensors"))
+    for k in w0:  # gathered back: every rank holds the same full weights
+        assert torch.equal(w0[k], w1[k]), k
+
+    # the same config, 1 process x 2 micro-batches, replicated
+    toy = _toy()
+    n_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        d = toy.FSDPToy()
+        res = train(d, ConditionSource(d.gmm, seed=0), toy.make_cfg(tmp_path / "one", max_steps=4, grad_accum_steps=2))
+    finally:
+        torch.set_num_threads(n_threads)
+    ref = {f"generator.{k}": v for k, v in d.generator.state_dict().items()}
+    ref.update({f"critic.{k}": v for k, v in d.critic.state_dict().items()})
+    ref.update({f"ema.{k}": v for k, v in res["ema"].items()})
+    assert ref.keys() == w0.keys()
+    for k in ref:
+        torch.testing.assert_close(w0[k], ref[k], rtol=1e-5, atol=1e-6, msg=f"{k}: FSDP2 x 2 != 1 process x 2")
+    # gradient norms (clipped on DTensor grads) agree too
+    log2 = [json.loads(x) for x in (a / "log.jsonl").read_text().splitlines()]
+    log1 = [json.loads(x) for x in (tmp_path / "one" / "log.jsonl").read_text().splitlines()]
+    for x, y in zip(log2, log1):
+        for key in ("grad_norm/critic", "grad_norm/generator"):
+            if key in y:
+                assert abs(x[key] - y[key]) <= 1e-4 * max(1.0, abs(y[key])), (key, x[key], y[key])
+
+    # about half of the parameter and optimizer bytes per rank
+    full_params = sum(p.numel() * 4 for m in (d.generator, d.critic) for p in m.parameters())
+    for i in infos:
+        assert i["bytes"]["params"] <= 0.55 * full_params, (i["bytes"], full_params)
+        assert i["bytes"]["optimizer"] <= 0.55 * 2 * full_params, (i["bytes"], full_params)
+
+    # resumed sharded run == uninterrupted sharded run (exactly)
+    wb = load_file(str(b / "rank0.safetensors"))
+    for k in w0:
+        assert torch.equal(wb[k], w0[k]), f"{k}: resumed != uninterrupted"
+    assert json.loads((b / "rank0.json").read_text())["calls"] == infos[0]["calls"]
+
+    # checkpoint: DCP shards + full weights loadable into a plain module
+    ck = a / "checkpoints" / "checkpoint-0000004"
+    assert (ck / "sharded" / ".metadata").is_file()
+    state = json.loads((ck / "trainer_state.json").read_text())
+    assert state["sharding"]["kind"] == "fsdp2" and state["world_size"] == 2
+    plain = toy.Blocks(2)
+    plain.load_state_dict(load_checkpoint_weights(ck, "generator"), strict=True)
+    for k, v in plain.state_dict().items():
+        assert torch.equal(v, w0[f"generator.{k}"]), k
+    ema = load_checkpoint_weights(ck, "generator", ema=True)
+    for k, v in ema.items():
+        assert torch.equal(v, w0[f"ema.{k}"]), k
+
+
+LAUNCHER_MP = r"""
+import importlib.util, json, sys
+import torch
+spec = importlib.util.spec_from_file_location("fsdp_toy", sys.argv[1])
+toy = importlib.util.module_from_spec(spec); spec.loader.exec_module(toy)
+from stepdistill.data.sources import ConditionSource
+from stepdistill.training import train
+d = toy.FSDPToy()
+cfg = toy.make_cfg(sys.argv[2], max_steps=1, ema_decay=None, progress=True)  # mixed_precision: null (default)
+res = train(d, ConditionSource(d.gmm, seed=0), cfg)
+print("MP", res["accelerator"].mixed_precision)
+"""
+
+
+@pytest.mark.skipif(shutil.which("accelerate") is None, reason="accelerate CLI not on PATH")
+def test_launcher_mixed_precision_is_respected_and_reported(tmp_path):
+    proc = _launch(tmp_path, LAUNCHER_MP, [TOY, tmp_path / "run"], nproc=1, mixed="bf16")
+    assert "MP bf16" in proc.stdout
+    assert "mixed_precision=bf16" in proc.stdout and "sharding=none (replicated)" in proc.stdout
+
+
+def test_sharding_request_forms(monkeypatch):
+    toy = _toy()
+    cfg = toy.make_cfg("x")
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    assert sharding_request(cfg) == (None, "")
+    cfg.sharding = "fsdp2"
+    assert sharding_request(cfg)[0] == "fsdp2"
+    cfg.sharding = "zero3"
+    with pytest.raises(ConfigError, match="train.sharding"):
+        sharding_request(cfg)
+    cfg.sharding = None
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    kind, why = sharding_request(cfg)
+    assert kind == "fsdp2" and "FSDP launch" in why
+
+
+def test_fsdp_launch_with_one_process_says_so(tmp_path, monkeypatch):
+    """An FSDP launch never silently runs replicated: with one process it is an error naming the fix."""
+    from stepdistill.data.sources import ConditionSource
+    from stepdistill.training import train
+
+    toy = _toy()
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    d = toy.FSDPToy()
+    with pytest.raises(ConfigError, match="fsdp2 needs a multi-process launch"):
+        train(d, ConditionSource(d.gmm, seed=0), toy.make_cfg(tmp_path / "r", max_steps=1))
+
+
+def test_shard_group_policy_wraps_blocks():
+    """The generic policy picks the blocks (>= total/16 parameters each) before the root."""
+    import torch.distributed as dist
+
+    from stepdistill.training.sharded import shard_group
+
+    toy = _toy()
+    if dist.is_initialized():
+        pytest.skip("a process group exists already")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ["MASTER_PORT"] = str(_free_port())
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        m = toy.Blocks(2)
+        names = shard_group(m, init_device_mesh("cpu", (1,)))
+        assert names == ["down_blocks.0", "down_blocks.1", "down_blocks.2", "mid_block",
+                         "up_blocks.0", "up_blocks.1", "up_blocks.2"], names
+        # a diffusers UNet: its down / mid / up blocks
+        from diffusers import UNet2DModel
+
+        unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),
+                           down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                           up_block_types=("AttnUpBlock2D", "UpBlock2D"), layers_per_block=1,
+                           norm_num_groups=4, attention_head_dim=4)
+        names = shard_group(unet, init_device_mesh("cpu", (1,)))
+        assert {"down_blocks.1", "up_blocks.0", "up_blocks.1", "mid_block"} <= set(names), names  # down_blocks.0 < 1/16
+    finally:
+        dist.destroy_process_group()
