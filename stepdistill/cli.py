@@ -84,6 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("presets", help="list the bundled YAML presets")
 
+    from .compare import add_parser as add_compare_parser
+
+    add_compare_parser(sub)  # stepdistill compare TEACHER PRESET... --output DIR
+
     try:
         from .eval.cli import add_eval_subparsers
     except ImportError:  # pragma: no cover - eval is part of the package
@@ -135,6 +139,10 @@ def _is_override(arg: str) -> bool:
 def _dispatch(parser, args) -> int:
     from .config import list_presets, load_config, save_config, to_dict
 
+    if args.command == "compare":
+        from .compare import run_from_args
+
+        return run_from_args(args)
     if args.command == "presets":
         for name in list_presets():
             print(name)
