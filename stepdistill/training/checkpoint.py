@@ -325,7 +325,7 @@ def module_state_for_save(state: dict[str, Any]) -> dict[str, Tensor]:
     return out
 
 
-def _fsync(path: Path) -> None:
+def fsync_path(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -338,7 +338,7 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _write_json(path: Path, data: Any) -> None:
+def write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True))
 
 
@@ -366,11 +366,11 @@ def _write_files(
         state = ema_obj.state_dict_for(modules[group])
         save_file(module_state_for_save(state), str(folder / f"{group}_ema.safetensors"))
     if extra is not None:
-        _write_json(folder / "extra.json", extra)
+        write_json(folder / "extra.json", extra)
     for f in folder.iterdir():
-        _fsync(f)
-    _write_json(folder / STATE_FILE, trainer_state)  # last: marks the folder complete
-    _fsync(folder / STATE_FILE)
+        fsync_path(f)
+    write_json(folder / STATE_FILE, trainer_state)  # last: marks the folder complete
+    fsync_path(folder / STATE_FILE)
 
 
 def save_checkpoint(
@@ -425,7 +425,7 @@ def save_checkpoint(
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)
-        _fsync(final.parent)
+        fsync_path(final.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -463,7 +463,7 @@ def _load_tensors(path: Path, device: torch.device | str = "cpu") -> dict[str, T
         raise CheckpointError(f"checkpoint {path.parent} is corrupt: cannot read {path.name}: {e}") from e
 
 
-def _load_pt(path: Path) -> Any:
+def load_pt(path: Path) -> Any:
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path.parent} is incomplete: {path.name} is missing")
     try:
@@ -516,15 +516,15 @@ def load_checkpoint(
             raise CheckpointError(f"checkpoint {path}: weights of {name!r} do not fit the model: {e}") from e
     for name, opt in optimizers.items():
         try:
-            opt.load_state_dict(_load_pt(path / f"optimizer-{name}.pt"))
+            opt.load_state_dict(load_pt(path / f"optimizer-{name}.pt"))
         except (ValueError, KeyError) as e:
             raise CheckpointError(f"checkpoint {path}: optimizer state of {name!r} does not fit: {e}") from e
     for name, sched in schedulers.items():
-        sched.load_state_dict(_load_pt(path / f"scheduler-{name}.pt"))
+        sched.load_state_dict(load_pt(path / f"scheduler-{name}.pt"))
     for name, scaler in (scalers or {}).items():
         f = path / f"scaler-{name}.pt"
         if f.is_file():
-            scaler.load_state_dict(_load_pt(f))
+            scaler.load_state_dict(load_pt(f))
     if ema is not None:
         group, ema_obj = ema
         f = path / f"{group}_ema.safetensors"

@@ -55,7 +55,7 @@ from torch import Tensor, nn
 from ..config import ConfigError
 from .checkpoint import (
     CheckpointError,
-    _load_pt,
+    load_pt,
     checkpoint_path,
     checkpoints_dir,
     module_state_for_save,
@@ -322,7 +322,7 @@ class ShardedTrainer(Trainer):
         def writer(folder: Path, *, modules, optimizers, schedulers, scalers, ema, extra, trainer_state) -> None:
             from safetensors.torch import save_file
 
-            from .checkpoint import _fsync, _write_json
+            from .checkpoint import fsync_path, write_json
 
             os.replace(staging, folder / SHARDED_DIR)
             for name in modules:
@@ -339,12 +339,12 @@ class ShardedTrainer(Trainer):
             if ema is not None:
                 save_file(module_state_for_save(ema_full), str(folder / f"{ema[0]}_ema.safetensors"))
             if extra is not None:
-                _write_json(folder / "extra.json", extra)
+                write_json(folder / "extra.json", extra)
             for f in folder.iterdir():
                 if f.is_file():
-                    _fsync(f)
-            _write_json(folder / "trainer_state.json", trainer_state)
-            _fsync(folder / "trainer_state.json")
+                    fsync_path(f)
+            write_json(folder / "trainer_state.json", trainer_state)
+            fsync_path(folder / "trainer_state.json")
 
         def write() -> Path:
             path = save_checkpoint(
@@ -387,13 +387,13 @@ class ShardedTrainer(Trainer):
             from safetensors.torch import load_file
 
             self.groups[g].load_state_dict(load_file(str(ckpt / f"{g}.safetensors"), device=str(self.device)))
-            self.optimizers[g].load_state_dict(_load_pt(ckpt / f"optimizer-{g}.pt"))
+            self.optimizers[g].load_state_dict(load_pt(ckpt / f"optimizer-{g}.pt"))
         for g, sched in self.schedulers.items():
-            sched.load_state_dict(_load_pt(ckpt / f"scheduler-{g}.pt"))
+            sched.load_state_dict(load_pt(ckpt / f"scheduler-{g}.pt"))
         for g, scaler in self.scalers.items():
             f = ckpt / f"scaler-{g}.pt"
             if f.is_file():
-                scaler.load_state_dict(_load_pt(f))
+                scaler.load_state_dict(load_pt(f))
         meta = state.get("ema") or {}
         if self.ema is not None and meta:
             if "ema" in target:
