@@ -136,7 +136,15 @@ TEACHER_BUILDERS: dict[str, Callable] = {
     "diffusers": _diffusers_teacher,
     "digits": _diffusers_teacher,
     "ar": build_ar_teacher,
+    "t2i": lambda tcfg: _t2i_teacher(tcfg),
 }
+
+
+def _t2i_teacher(tcfg):
+    """``teacher.kind: t2i``: the embedded text-to-image teacher (trained and cached on first use)."""
+    from .t2i_teacher import build_t2i_teacher
+
+    return build_t2i_teacher(tcfg)
 
 
 def build_teacher(tcfg: TeacherConfig, device: torch.device | str = "cpu"):

@@ -255,3 +255,12 @@ def test_quick_prompt_accuracy_runs_on_a_folder(tiny_teacher):
 
     rows = trainer.quick_prompt_accuracy(tiny_teacher, n=3, settings=((2, 4.5),))
     assert len(rows) == 1 and rows[0]["n"] == 3 and 0.0 <= rows[0]["prompt_accuracy"] <= 1.0
+
+
+def test_run_build_teacher_dispatches_kind_t2i(tiny_teacher):
+    """`teacher.kind: t2i` (the t2i/<method> presets) is a registered kind of run.build_teacher."""
+    from stepdistill.config import TeacherConfig
+    from stepdistill.run import build_teacher
+
+    teacher = build_teacher(TeacherConfig(kind="t2i", path=str(tiny_teacher), guidance_scale=3.0))
+    assert teacher.guidance_scale == 3.0 and teacher.text_encoder is not None
