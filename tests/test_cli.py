@@ -152,7 +152,13 @@ def test_two_process_accelerate_launch_of_the_module(tmp_path):
         pytest.skip("accelerate CLI not on PATH")
     env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", HF_HOME=str(tmp_path / "hf"))
     out = tmp_path / "run"
+    import socket
+
+    with socket.socket() as sock:  # a free port: the default 29500 may be held by another run on the machine
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
     cmd = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--main_process_port", str(port),
            "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "stepdistill.train", "analytic/dmd2",
            f"train.output_dir={out}", "train.max_steps=4", "train.batch_size=16", "train.progress=false",
            "train.checkpoint_every_steps=2"]

@@ -210,7 +210,7 @@ def test_fsdp_launch_with_one_process_says_so(tmp_path, monkeypatch):
         train(d, ConditionSource(d.gmm, seed=0), toy.make_cfg(tmp_path / "r", max_steps=1))
 
 
-def test_shard_group_policy_wraps_blocks():
+def test_shard_group_policy_wraps_blocks(monkeypatch):
     """The generic policy picks the blocks (>= total/16 parameters each) before the root."""
     import torch.distributed as dist
 
@@ -219,8 +219,8 @@ def test_shard_group_policy_wraps_blocks():
     toy = _toy()
     if dist.is_initialized():
         pytest.skip("a process group exists already")
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ["MASTER_PORT"] = str(_free_port())
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")  # not left behind for later tests' launches
+    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
     dist.init_process_group("gloo", rank=0, world_size=1)
     try:
         from torch.distributed.device_mesh import init_device_mesh
