@@ -25,7 +25,7 @@ import pytest
 import torch
 
 from stepdistill.config import ConfigError
-from stepdistill.training.distributed import describe_launch, sharding_request
+from stepdistill.training.distributed import sharding_request
 
 TOY = Path(__file__).with_name("fsdp_toy.py")
 
