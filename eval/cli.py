@@ -421,8 +421,10 @@ def build_parser(prog: str = "python -m stepdistill.eval") -> argparse.ArgumentP
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ..errors import run_reporting  # one error line and its exit code, as `stepdistill` prints them
+
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    return run_reporting(lambda: args.func(args))
 
 
 if __name__ == "__main__":

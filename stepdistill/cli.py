@@ -23,7 +23,8 @@ EPILOG = textwrap.dedent(
 
     Overrides are dotted key=value pairs applied to the preset (YAML values), before or after options:
       train.max_steps=200  algorithm.params.gan_weight=0.003  teacher.guidance_scale=1.75
-    The second launch form runs 2 CPU processes (gloo); FSDP and DeepSpeed launches are refused.
+    The second launch form runs 2 CPU processes (gloo); an FSDP launch or train.sharding=fsdp2 shards the
+    trainable groups with FSDP2; DeepSpeed launches are refused.
     """
 )
 
@@ -105,19 +106,34 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
+    from .errors import InputNotFoundError, report, run_reporting
+
+    def dispatch() -> int:
+        try:
+            return _dispatch(parser, args)
+        except (FileNotFoundError, NotADirectoryError) as e:  # a path the user typed (stdlib error)
+            if isinstance(e, ConfigError):
+                raise
+            raise InputNotFoundError(str(e)) from e
+
     try:
-        return _dispatch(parser, args)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except (FileNotFoundError, NotADirectoryError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except ValueError as e:
-        if type(e).__name__.endswith(("Error",)) and type(e) is not ValueError:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+        return run_reporting(dispatch)
+    except ValueError as e:  # a library's own ValueError subclass (e.g. a diffusers config error)
+        if type(e) is not ValueError and type(e).__name__.endswith("Error"):
+            return report(e)
         raise
+
+
+def _class_labels(text: str | None) -> list[int] | None:
+    """``--class-labels 0,3,9`` as ints; anything else is refused naming the option."""
+    if not text:
+        return None
+    try:
+        return [int(v) for v in text.split(",")]
+    except ValueError:
+        from .errors import InputError
+
+        raise InputError(f"--class-labels must be comma-separated class ids such as 0,3,9, got {text!r}") from None
 
 
 def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
@@ -178,7 +194,7 @@ def _dispatch(parser, args) -> int:
     if args.command == "sample":
         from .sampling import sample_to_path
 
-        labels = [int(v) for v in args.class_labels.split(",")] if args.class_labels else None
+        labels = _class_labels(args.class_labels)
         path = sample_to_path(args.pipeline, args.output, num_images=args.num_images, seed=args.seed,
                               steps=args.steps, class_labels=labels, prompt=args.prompt)
         print(f"wrote {path}")

@@ -379,16 +379,15 @@ run_ar_distillation = run_distillation
 def load_run(run_dir: str | Path, checkpoint: str = "latest"):
     """``(cfg, checkpoint folder, teacher, distiller)`` of a training run folder."""
     from .algorithms import build
-    from .training import latest_checkpoint
+    from .errors import InputNotFoundError
+    from .training.checkpoint import select_checkpoint
 
     run_dir = Path(run_dir)
     cfg_file = run_dir / "config.yaml"
     if not cfg_file.exists():
-        raise FileNotFoundError(f"{run_dir} has no config.yaml; is it a folder written by `stepdistill train`?")
+        raise InputNotFoundError(f"{run_dir} has no config.yaml; is it a folder written by `stepdistill train`?")
     cfg = load_config(str(cfg_file))
-    ckpt = latest_checkpoint(run_dir) if checkpoint == "latest" else Path(checkpoint)
-    if ckpt is None:
-        raise FileNotFoundError(f"{run_dir} has no complete checkpoint under checkpoints/")
+    ckpt = select_checkpoint(run_dir, checkpoint)  # a damaged newest checkpoint falls back with a warning
     teacher = build_teacher(cfg.teacher)
     return cfg, ckpt, teacher, build(cfg.algorithm.name, teacher, cfg.algorithm.params)
 
@@ -398,20 +397,35 @@ def export_run(run_dir: str | Path, output: str | Path, checkpoint: str = "lates
     """Export a training run (its ``config.yaml`` + a checkpoint) as the pipeline its algorithm
     writes: the groups ``distiller.export_groups()`` names are loaded (EMA weights for the EMA group
     when saved and ``use_ema``), then ``distiller.export(output)``."""
+    from .export.common import check_output_dir, protected_folders
     from .training import load_checkpoint_weights
 
+    run_dir = Path(run_dir)
+    teacher_dir = _teacher_folder(run_dir)
+    guard = ((run_dir, False, "the run folder"), (teacher_dir, True, "the teacher folder"))
+    with protected_folders(*guard):
+        check_output_dir(output, overwrite=overwrite)  # refuse before the (slow) teacher load
     cfg, ckpt, teacher, distiller = load_run(run_dir, checkpoint)
     groups = distiller.trainable()
     ema_group = distiller.resolve_ema_group(groups)
     for group in distiller.export_groups():
         ema = use_ema and group == ema_group and (ckpt / f"{group}_ema.safetensors").exists()
         groups[group].load_state_dict(load_checkpoint_weights(ckpt, group, ema=ema))
-    out = distiller.export(Path(output), extra={"config": to_dict(cfg), "checkpoint": str(ckpt)},
-                           overwrite=overwrite)
+    with protected_folders(*guard):
+        out = distiller.export(Path(output), extra={"config": to_dict(cfg), "checkpoint": str(ckpt)},
+                               overwrite=overwrite)
     if out is None:
         raise ConfigError(f"the run {run_dir} has nothing to export (teacher.kind={cfg.teacher.kind} has no "
                           "pipeline form)")
     return out
+
+
+def _teacher_folder(run_dir: Path) -> str | None:
+    """The teacher folder a run's config names (``teacher.path``), if any; an export never writes there."""
+    cfg_file = run_dir / "config.yaml"
+    if not cfg_file.exists():
+        return None
+    return load_config(str(cfg_file)).teacher.path or None
 
 
 #: kept for callers of the former AR-specific function

@@ -8,7 +8,8 @@ that work:
     ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 -m stepdistill.train analytic/dmd2
 
 (the second runs 2 CPU processes with gloo; ``--cpu --num_processes 2`` starts only one process).
-FSDP and DeepSpeed launches are refused (FSDP2 sharding is not implemented yet).
+An FSDP launch (or ``train.sharding=fsdp2``) shards each trainable group with FSDP2; DeepSpeed
+launches are refused.
 """
 
 from __future__ import annotations

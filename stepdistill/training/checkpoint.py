@@ -164,16 +164,16 @@ def check_checkpoint(path: str | Path) -> str | None:
     for f in need:
         if not f.is_file():
             return f"checkpoint {path} is incomplete: {f.name} is missing"
-    try:
-        for f in sorted(path.iterdir()):
+    for f in sorted(path.iterdir()):
+        try:
             if f.suffix == ".safetensors":
                 _check_safetensors(f)
             elif f.suffix == ".pt":
                 _check_pt(f)
             elif f.suffix == ".json":
                 json.loads(f.read_text())
-    except (OSError, ValueError, KeyError, TypeError, IndexError, zipfile.BadZipFile) as e:
-        return f"checkpoint {path} is corrupt: {e}"
+        except (OSError, ValueError, KeyError, TypeError, IndexError, zipfile.BadZipFile) as e:
+            return f"checkpoint {path} is corrupt: cannot read {f.name}: {e}"
     return None
 
 
