@@ -751,12 +751,9 @@ def run_t2i_teacher_training(cfg, output: str | Path, progress: bool | None = No
         text_steps=spec.text.steps, zs=m_text["zero_shot_heldout_acc_all3"], maxlen=spec.text.max_length,
         unet_channels=tuple(spec.unet.block_out_channels), unet_params=m_unet["params"],
         unet_steps=spec.unet.steps, ema=spec.unet.ema_decay))
-    try:
-        from .config import save_config
+    from .config import save_config
 
-        save_config(cfg, tmp / "stepdistill_config.yaml")
-    except Exception:  # the config is informative only
-        pass
+    save_config(cfg, tmp / "stepdistill_config.yaml")  # the recipe beside the weights
     _finish_dir(tmp, output / "pipeline")
     return output / "pipeline"
 

@@ -24,6 +24,7 @@ from .common import (
     SCHEDULER_CALL_KEY,
     SCHEDULER_NUM_CLASSES_KEY,
     ExportError,
+    UnsupportedStudentError,
     atomic_output_dir,
     fp32,
     frozen_part,
@@ -189,7 +190,7 @@ def export_dit_student(generator, teacher, out: Path, *, algorithm: str, paper: 
 
     problem = dit_pipeline_problem(generator, teacher)
     if problem is not None:
-        raise NotImplementedError(f"cannot export this DiT student: {problem}")
+        raise UnsupportedStudentError(f"cannot export this DiT student: {problem}")
     den = generator.denoiser
     num_classes = int(den.num_classes)
     timesteps = training_timesteps(generator)
@@ -261,7 +262,7 @@ def export_teacher_pipeline(
     scheduler = _teacher_scheduler(scheduler)
     unet = unwrap(teacher_unet)
     if type(unet).__name__ != "UNet2DModel":
-        raise NotImplementedError(
+        raise UnsupportedStudentError(
             f"export_teacher_pipeline writes ClassConditionalPipeline folders for UNet2DModel teachers, got {type(unet).__name__}"
         )
     embeds = unet.config.get("num_class_embeds")

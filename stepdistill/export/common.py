@@ -45,6 +45,11 @@ class ExportError(OutputError):
     """The student or the output folder cannot be exported as asked; the message says why."""
 
 
+class UnsupportedStudentError(ExportError, NotImplementedError):
+    """The student has no export form (its network family or parametrisation); the message names
+    what is supported.  A ``NotImplementedError`` too, for callers that catch that."""
+
+
 class OutputExistsError(ExportError, FileExistsError):
     """The output folder exists and may not be replaced (not empty without ``overwrite``, not a
     folder an export wrote, or a protected run / teacher folder); nothing was changed."""
@@ -273,7 +278,7 @@ FLOW_KINDS = ("SD3Transformer2DModel", "FluxTransformer2DModel")
 
 def check_student(generator, kinds=STUDENT_KINDS, who: str = "", why: str = SUPPORTED):
     """The denoiser of an exportable student (a diffusers network wrapped by ``DiffusersTeacher``
-    with an LCM-compatible parametrisation); ``NotImplementedError`` otherwise.  ``who``: a prefix
+    with an LCM-compatible parametrisation); :class:`UnsupportedStudentError` otherwise.  ``who``: a prefix
     for the messages (``"student 2: "``)."""
     denoiser = getattr(generator, "denoiser", None)
     if (
@@ -281,7 +286,7 @@ def check_student(generator, kinds=STUDENT_KINDS, who: str = "", why: str = SUPP
         or not isinstance(getattr(denoiser, "model", None), nn.Module)
         or not hasattr(denoiser, "scheduler_config")
     ):
-        raise NotImplementedError(
+        raise UnsupportedStudentError(
             f"{who}cannot export a generator whose denoiser is {type(denoiser).__name__}: it is not a diffusers "
             f"network wrapped by stepdistill.teachers.diffusion.DiffusersTeacher; {SUPPORTED}"
         )
@@ -290,14 +295,14 @@ def check_student(generator, kinds=STUDENT_KINDS, who: str = "", why: str = SUPP
     if prediction_type == "flow" and kind in FLOW_KINDS and kind in kinds:
         return denoiser
     if prediction_type == "flow":
-        raise NotImplementedError(
+        raise UnsupportedStudentError(
             f"{who}flow-matching {kind} students cannot be exported: only SD3 / FLUX transformers have a stock "
             f"flow-matching pipeline, and LCMScheduler supports only {LCM_PREDICTION_TYPES}; {SUPPORTED}"
         )
     if prediction_type not in LCM_PREDICTION_TYPES:
-        raise NotImplementedError(f"{who}prediction_type {prediction_type!r} is not exportable; {SUPPORTED}")
+        raise UnsupportedStudentError(f"{who}prediction_type {prediction_type!r} is not exportable; {SUPPORTED}")
     if kind not in kinds:
-        raise NotImplementedError(f"{who}cannot export a {kind} student; {why}")
+        raise UnsupportedStudentError(f"{who}cannot export a {kind} student; {why}")
     if getattr(generator, "boundary", "lcm") != "lcm":
         warnings.warn(
             f"{who}generator.boundary={generator.boundary!r}: the exported LCMScheduler applies the LCM boundary "
@@ -474,6 +479,7 @@ def remote_code_snippet(folder: Path, call: str) -> str:
     return (
         "import torch\n"
         "from diffusers import DiffusionPipeline\n\n"
+        "# trust_remote_code=True is your explicit opt-in to run the pipeline file this folder carries\n"
         f'pipe = DiffusionPipeline.from_pretrained("{folder}", trust_remote_code=True)\n'
         f"{call}"
     )

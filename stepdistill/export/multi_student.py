@@ -276,7 +276,7 @@ def export_text_multi_student(
 ) -> Path:
     """Write K prompt-routed ``UNet2DConditionModel`` students (MSD on an SD-layout text teacher) as one
     self-contained ``TextMultiStudentPipeline`` folder (loads with ``DiffusionPipeline.from_pretrained(
-    folder, trust_remote_code=True)``).
+    folder, trust_remote_code=True)``, the caller's explicit opt-in to run that file).
 
     ``text_route`` is ``MSD.text_route``: ``{"prompts", "assign", "centroids"}`` -- the training
     partition (prompt -> student) and the K centres of the pooled text embeddings that route any

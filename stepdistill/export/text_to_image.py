@@ -41,6 +41,7 @@ from .common import (
     SCHEDULER_CALL_KEY,
     SCHEDULER_TIMESTEPS_KEY,
     SUPPORTED,
+    UnsupportedStudentError,
     atomic_output_dir,
     flow_scheduler,
     flow_sigmas,
@@ -82,7 +83,7 @@ def text_family(net) -> str | None:
             return "sd"
         if added == "text_time":
             return "sdxl"
-        raise NotImplementedError(
+        raise UnsupportedStudentError(
             f"UNet2DConditionModel students with addition_embed_type={added!r} are not exportable; {SUPPORTED}"
         )
     return {"SD3Transformer2DModel": "sd3", "FluxTransformer2DModel": "flux"}.get(kind)
@@ -93,7 +94,7 @@ def _parts(generator, teacher, family: str) -> dict:
     parts = {name: frozen_part(teacher, generator, name) for name in (*required, *optional)}
     missing = [name for name in required if parts[name] is None]
     if missing:
-        raise NotImplementedError(
+        raise UnsupportedStudentError(
             f"a {family.upper()} student is exported as a {pipeline}, which needs the teacher's {', '.join(required)}; "
             f"missing: {missing}. {SUPPORTED}"
         )

@@ -25,6 +25,7 @@ The distillation algorithms extend this with a teacher and an export
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -46,7 +47,7 @@ class LossOutput:
     logs: dict[str, float | Tensor] = field(default_factory=dict)
 
 
-class TrainingTask(nn.Module):
+class TrainingTask(nn.Module, ABC):
     """Base class of everything the generic trainer can train (see the module docstring)."""
 
     #: short name (model cards, logs)
@@ -58,14 +59,14 @@ class TrainingTask(nn.Module):
     ema_group: str | None = None
 
     # -- required ---------------------------------------------------------------------------------
+    @abstractmethod
     def trainable(self) -> dict[str, nn.Module]:
         """Trainable groups, one optimizer each: ``{"generator": ..., "critic": ...}``."""
-        raise NotImplementedError(f"{type(self).__name__} must implement trainable()")
 
+    @abstractmethod
     def loss(self, batch: dict, step: int, group: str, cache: dict) -> LossOutput:
         """The loss whose gradient updates ``group`` at ``step``; ``cache`` is shared by the groups
         of one micro-batch (e.g. the generator's detached sample for the critic)."""
-        raise NotImplementedError(f"{type(self).__name__} must implement loss()")
 
     # -- schedule ---------------------------------------------------------------------------------
     def phase(self, step: int) -> list[str]:
