@@ -43,7 +43,14 @@ import shutil
 
 import numpy as np
 import torch
-from diffusers import ConfigMixin, DiffusionPipeline, ImagePipelineOutput, ModelMixin, UNet2DConditionModel, UNet2DModel
+from diffusers import (
+    ConfigMixin,
+    DiffusionPipeline,
+    ImagePipelineOutput,
+    ModelMixin,
+    UNet2DConditionModel,
+    UNet2DModel,
+)
 from diffusers.configuration_utils import register_to_config
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image

@@ -118,8 +118,7 @@ class Scorer:
 def _score_digits(folder, n: int, seeds: list[int], batch_size: int, **call_kw) -> dict:
     import numpy as np
 
-    from .eval.generate import load_pipeline, sample_pipeline
-    from .eval.generate import resolve_labels
+    from .eval.generate import load_pipeline, resolve_labels, sample_pipeline
     from .eval.metrics import class_accuracy, compute_fid
 
     pipe = load_pipeline(str(folder))

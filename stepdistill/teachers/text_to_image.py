@@ -25,9 +25,10 @@ from __future__ import annotations
 import hashlib
 import json
 import warnings
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 #: SD 1.5's noise schedule (``scheduler/scheduler_config.json`` of runwayml/stable-diffusion-v1-5)
 SD15_SCHEDULE: dict[str, Any] = {

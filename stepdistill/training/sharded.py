@@ -55,9 +55,9 @@ from torch import Tensor, nn
 from ..config import ConfigError
 from .checkpoint import (
     CheckpointError,
-    load_pt,
     checkpoint_path,
     checkpoints_dir,
+    load_pt,
     module_state_for_save,
     read_trainer_state,
     rotate_checkpoints,
