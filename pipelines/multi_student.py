@@ -397,7 +397,22 @@ class MultiStudentPipeline(DiffusionPipeline):
         """
         device = self._execution_device
         labels = self._labels(class_labels, batch_size, num_images_per_prompt, device)
-        n = labels.shape[0]
+        # the noise is drawn for the whole batch in caller order, BEFORE routing
+        sample = self._initial_sample(labels.shape[0], generator, latents, device)
+        route = torch.tensor(self.config.route, dtype=torch.long)[labels.cpu()]
+
+        def student(k, x, t, idx):
+            pred = self.students(x, t, k, class_labels=labels[idx])
+            if pred.shape[1] == 2 * x.shape[1]:  # learned variance: keep the mean prediction
+                pred = pred[:, : x.shape[1]]
+            return pred
+
+        x0 = self._denoise(sample, route, student, num_inference_steps, timesteps, generator, device)
+        return self._output(x0, output_type, return_dict)
+
+    # -- the steps shared with TextMultiStudentPipeline -----------------------------------------
+    def _initial_sample(self, n, generator, latents, device) -> torch.Tensor:
+        """Unit noise for ``n`` images (``latents`` if given), scaled by the scheduler."""
         if isinstance(generator, list) and len(generator) != n:
             raise ValueError(f"got {len(generator)} generators for {n} images; pass one per image")
         cfg = self.students.students[0].config
@@ -405,37 +420,36 @@ class MultiStudentPipeline(DiffusionPipeline):
         height, width = (size, size) if isinstance(size, int) else tuple(size)
         shape = (n, cfg.in_channels, height, width)
         dtype = self.students.dtype
-        # the noise is drawn for the whole batch in caller order, BEFORE routing
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
         else:
             if tuple(latents.shape) != shape:
                 raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
             latents = latents.to(device=device, dtype=dtype)
-        sample = latents * self.scheduler.init_noise_sigma
+        return latents * self.scheduler.init_noise_sigma
 
-        route = torch.tensor(self.config.route, dtype=torch.long)[labels.cpu()]
+    def _denoise(self, sample, route, student, num_inference_steps, timesteps, generator, device):
+        """The sampling loop: at each timestep every student ``k`` evaluates its own images
+        (``student(k, x, t, idx)``, one network evaluation per image), then LCMScheduler steps the
+        whole batch (elementwise per image: x0 with the boundary scalings, re-noised with fresh
+        noise -- per image generator when a list -- unless last)."""
         groups = []  # (student, indices of its images in caller order)
         for k in range(self.num_students):
             idx = (route == k).nonzero().flatten()
             if idx.numel():
                 groups.append((k, idx.to(device)))
-
         schedule = self._set_timesteps(num_inference_steps, timesteps, device)
         step_kwargs = _step_kwargs(self.scheduler, generator)
         for t in self.progress_bar(schedule):
             model_input = self.scheduler.scale_model_input(sample, t)
             out = torch.empty_like(sample)
-            for k, idx in groups:  # one network evaluation per image: its student, on a sub-batch
-                pred = self.students(model_input[idx], t, k, class_labels=labels[idx])
-                if pred.shape[1] == 2 * sample.shape[1]:  # learned variance: keep the mean prediction
-                    pred = pred[:, : sample.shape[1]]
-                out[idx] = pred.to(out.dtype)
-            # LCMScheduler on the whole batch (elementwise per image): x0 with the boundary
-            # scalings; re-noised with fresh noise (per image generator when a list) unless last
+            for k, idx in groups:
+                out[idx] = student(k, model_input[idx], t, idx).to(out.dtype)
             sample = self.scheduler.step(out, t, sample, return_dict=False, **step_kwargs)[0]
-        x0 = sample
+        return sample
 
+    def _output(self, x0, output_type, return_dict):
+        """x0 -> images (through the VAE when there is one) in ``output_type``."""
         if output_type == "latent":
             image = x0
         else:
@@ -527,43 +541,12 @@ class TextMultiStudentPipeline(MultiStudentPipeline):
             raise ValueError("prompt is empty")
         prompts = [p for p in prompts for _ in range(int(num_images_per_prompt))]
         device = self._execution_device
-        n = len(prompts)
-        if isinstance(generator, list) and len(generator) != n:
-            raise ValueError(f"got {len(generator)} generators for {n} images; pass one per image")
-        cfg = self.students.students[0].config
-        size = cfg.sample_size
-        height, width = (size, size) if isinstance(size, int) else tuple(size)
-        shape = (n, cfg.in_channels, height, width)
-        dtype = self.students.dtype
-        if latents is None:
-            latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
-        else:
-            if tuple(latents.shape) != shape:
-                raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
-            latents = latents.to(device=device, dtype=dtype)
-        sample = latents * self.scheduler.init_noise_sigma
-        hidden = self.encode_prompt(prompts, device).to(dtype)
+        sample = self._initial_sample(len(prompts), generator, latents, device)
+        hidden = self.encode_prompt(prompts, device).to(self.students.dtype)
         route = torch.tensor(self.student_for_prompts(prompts), dtype=torch.long)
-        groups = [(k, (route == k).nonzero().flatten().to(device)) for k in range(self.num_students)]
-        groups = [(k, idx) for k, idx in groups if idx.numel()]
-        schedule = self._set_timesteps(num_inference_steps, timesteps, device)
-        step_kwargs = _step_kwargs(self.scheduler, generator)
-        for t in self.progress_bar(schedule):
-            model_input = self.scheduler.scale_model_input(sample, t)
-            out = torch.empty_like(sample)
-            for k, idx in groups:
-                pred = self.students(model_input[idx], t, k, encoder_hidden_states=hidden[idx])
-                out[idx] = pred.to(out.dtype)
-            sample = self.scheduler.step(out, t, sample, return_dict=False, **step_kwargs)[0]
-        x0 = sample
-        if output_type == "latent":
-            image = x0
-        else:
-            if self.vae is not None:
-                sf = self.vae.config.get("scaling_factor", 1.0)
-                x0 = self.vae.decode(x0.to(self.vae.dtype) / sf, return_dict=False)[0]
-            image = _to_images(x0.float(), output_type)
-        self.maybe_free_model_hooks()
-        if not return_dict:
-            return (image,)
-        return ImagePipelineOutput(images=image)
+
+        def student(k, x, t, idx):
+            return self.students(x, t, k, encoder_hidden_states=hidden[idx])
+
+        x0 = self._denoise(sample, route, student, num_inference_steps, timesteps, generator, device)
+        return self._output(x0, output_type, return_dict)
