@@ -351,6 +351,26 @@ def _accuracy(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
         return float((net(x).argmax(1) == y).float().mean())
 
 
+
+def fit(params, loss_of, *, n: int, steps: int, batch_size: int, lr: float, weight_decay: float,
+        generator: torch.Generator, progress: bool = False, desc: str = "train", pct_start: float = 0.3) -> None:
+    """The judges' and detectors' training loop: AdamW with a one-cycle schedule; each of ``steps``
+    steps draws ``batch_size`` indices in ``[0, n)`` from ``generator`` and minimises
+    ``loss_of(indices)`` (which may draw augmentations from the same generator, after the indices)."""
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(steps, 1), pct_start=pct_start)
+    it = range(steps)
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(it, desc=desc, leave=False)
+    for _ in it:
+        loss = loss_of(torch.randint(0, n, (batch_size,), generator=generator))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+
 def train_digits_detector(
     out_path: str | os.PathLike,
     steps: int = 600,
@@ -383,21 +403,11 @@ def train_digits_detector(
         x, y = load_digits(split)
         x = to_uint8(x).float() / 127.5 - 1.0  # exactly what the detector sees at inference
         net = DigitsNet(**DEFAULT_ARCH)
-        opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(steps, 1))
         net.train()
-        it = range(steps)
-        if progress:
-            from tqdm.auto import tqdm
-
-            it = tqdm(it, desc="train digits detector", leave=False)
-        for _ in it:
-            idx = torch.randint(0, x.shape[0], (batch_size,), generator=g)
-            loss = F.cross_entropy(net(_shift_augment(x[idx], g)), y[idx], label_smoothing=label_smoothing)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
+        fit(net.parameters(),
+            lambda idx: F.cross_entropy(net(_shift_augment(x[idx], g)), y[idx], label_smoothing=label_smoothing),
+            n=x.shape[0], steps=steps, batch_size=batch_size, lr=lr, weight_decay=1e-4, generator=g,
+            progress=progress, desc="train digits detector")
         net.eval()
         train_acc = _accuracy(net, x, y)
         eval_info = None

@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .detectors import CONFIG_FILE, WEIGHTS_FILE, Detector, as_uint8_nchw, num_threads, sha256_file
+from .detectors import CONFIG_FILE, WEIGHTS_FILE, Detector, as_uint8_nchw, fit, num_threads, sha256_file
 from .errors import EvalInputError
 
 __all__ = [
@@ -277,23 +277,15 @@ def train_attribute_judge(out_path: str | os.PathLike, steps: int = 1500, seed: 
         g = torch.Generator().manual_seed(seed)
         x, y, _, xh, yh, _ = _judge_data(variants, seed)
         net = AttributeNet(**ATTR_ARCH)
-        opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(steps, 1))
         net.train()
-        it = range(steps)
-        if progress:
-            from tqdm.auto import tqdm
 
-            it = tqdm(it, desc="train attribute judge", leave=False)
-        for _ in it:
-            idx = torch.randint(0, x.shape[0], (batch_size,), generator=g)
+        def loss_of(idx):
             d, f, b = net(_augment(x[idx], g))
-            loss = (F.cross_entropy(d, y[idx, 0], label_smoothing=0.05) + F.cross_entropy(f, y[idx, 1])
+            return (F.cross_entropy(d, y[idx, 0], label_smoothing=0.05) + F.cross_entropy(f, y[idx, 1])
                     + F.cross_entropy(b, y[idx, 2]))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
+
+        fit(net.parameters(), loss_of, n=x.shape[0], steps=steps, batch_size=batch_size, lr=lr, weight_decay=1e-4,
+            generator=g, progress=progress, desc="train attribute judge")
         net.eval()
         with torch.inference_mode():
             ph = torch.cat([torch.stack([h.argmax(1) for h in net(xh[i : i + 500])], 1) for i in range(0, len(xh), 500)])
@@ -417,28 +409,20 @@ def train_clip_judge(out_path: str | os.PathLike, steps: int = 2000, seed: int =
         cid = torch.tensor([cap_id[c] for c in caps])
         cfg = _clip_config(len(tok), 16, tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
         model = CLIPModel(cfg)
-        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(steps, 1), pct_start=0.1)
         model.train()
-        it = range(steps)
-        if progress:
-            from tqdm.auto import tqdm
 
-            it = tqdm(it, desc="train CLIP judge", leave=False)
-        for _ in it:
-            idx = torch.randint(0, x.shape[0], (batch_size,), generator=g)
+        def loss_of(idx):
             c = cid[idx]
             ie = F.normalize(_img_emb(model, _augment(x[idx], g)), dim=-1)
             te = F.normalize(_txt_emb(model, enc["input_ids"][c], enc["attention_mask"][c]), dim=-1)
             logits = model.logit_scale.exp().clamp(max=100) * ie @ te.T
             same = (c[:, None] == c[None, :]).float()
             target = same / same.sum(1, keepdim=True)
-            loss = 0.5 * (-(target * logits.log_softmax(1)).sum(1).mean()
+            return 0.5 * (-(target * logits.log_softmax(1)).sum(1).mean()
                           - (target * logits.T.log_softmax(1)).sum(1).mean())
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
+
+        fit(model.parameters(), loss_of, n=x.shape[0], steps=steps, batch_size=batch_size, lr=lr, weight_decay=0.05,
+            generator=g, progress=progress, desc="train CLIP judge", pct_start=0.1)
         model.eval()
         # held-out retrieval: each image against the 300 captions
         with torch.inference_mode():
