@@ -301,7 +301,7 @@ def test_killed_mid_write_leaves_only_tmp(tmp_path, monkeypatch):
     class Killed(BaseException):
         pass
 
-    real_write = ckpt_mod._write_files
+    real_write = ckpt_mod.write_files
 
     def write_then_die(folder, **kw):
         real_write(folder, **kw)
@@ -309,7 +309,7 @@ def test_killed_mid_write_leaves_only_tmp(tmp_path, monkeypatch):
             monkeypatch.setattr(ckpt_mod.shutil, "rmtree", lambda *a, **k: None)  # a kill cleans nothing up
             raise Killed()
 
-    monkeypatch.setattr(ckpt_mod, "_write_files", write_then_die)
+    monkeypatch.setattr(ckpt_mod, "write_files", write_then_die)
     with pytest.raises(Killed):
         run(out, max_steps=6, checkpoint_every_steps=2)
     monkeypatch.undo()

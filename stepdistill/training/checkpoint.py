@@ -342,7 +342,7 @@ def write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True))
 
 
-def _write_files(
+def write_files(
     folder: Path,
     *,
     modules: dict[str, nn.Module],
@@ -352,23 +352,33 @@ def _write_files(
     ema: tuple[str, Any] | None,
     extra: dict | None,
     trainer_state: dict,
+    module_states: dict[str, dict] | None = None,
+    optimizer_states: dict[str, Any] | None = None,
+    ema_state: dict | None = None,
 ) -> None:
+    """Write one checkpoint's files into ``folder``, ``trainer_state.json`` last (it marks the
+    folder complete).  ``module_states`` / ``optimizer_states`` / ``ema_state`` replace what the
+    objects would give (the sharded trainer passes gathered full weights and sharded-optimizer
+    markers)."""
     for name, module in modules.items():
-        save_file(module_state_for_save(module.state_dict()), str(folder / f"{name}.safetensors"))
+        state = module_states[name] if module_states is not None else module.state_dict()
+        save_file(module_state_for_save(state), str(folder / f"{name}.safetensors"))
     for name, opt in optimizers.items():
-        torch.save(opt.state_dict(), folder / f"optimizer-{name}.pt")
+        state = optimizer_states[name] if optimizer_states is not None else opt.state_dict()
+        torch.save(state, folder / f"optimizer-{name}.pt")
     for name, sched in schedulers.items():
         torch.save(sched.state_dict(), folder / f"scheduler-{name}.pt")
     for name, scaler in scalers.items():
         torch.save(scaler.state_dict(), folder / f"scaler-{name}.pt")
     if ema is not None:
         group, ema_obj = ema
-        state = ema_obj.state_dict_for(modules[group])
+        state = ema_state if ema_state is not None else ema_obj.state_dict_for(modules[group])
         save_file(module_state_for_save(state), str(folder / f"{group}_ema.safetensors"))
     if extra is not None:
         write_json(folder / "extra.json", extra)
     for f in folder.iterdir():
-        fsync_path(f)
+        if f.is_file():
+            fsync_path(f)
     write_json(folder / STATE_FILE, trainer_state)  # last: marks the folder complete
     fsync_path(folder / STATE_FILE)
 
@@ -408,7 +418,7 @@ def save_checkpoint(
             "num_updates": ema[1].num_updates,
         }
     try:
-        (writer or _write_files)(
+        (writer or write_files)(
             tmp,
             modules=modules,
             optimizers=optimizers,

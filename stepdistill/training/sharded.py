@@ -58,10 +58,10 @@ from .checkpoint import (
     checkpoint_path,
     checkpoints_dir,
     load_pt,
-    module_state_for_save,
     read_trainer_state,
     rotate_checkpoints,
     save_checkpoint,
+    write_files,
 )
 from .distributed import SHARDING_KINDS, broadcast_modules, on_main, sharding_request
 from .ema import EMA
@@ -319,32 +319,11 @@ class ShardedTrainer(Trainer):
         dist.barrier()
         trainer = self
 
-        def writer(folder: Path, *, modules, optimizers, schedulers, scalers, ema, extra, trainer_state) -> None:
-            from safetensors.torch import save_file
-
-            from .checkpoint import fsync_path, write_json
-
+        def writer(folder: Path, **files) -> None:
             os.replace(staging, folder / SHARDED_DIR)
-            for name in modules:
-                save_file(module_state_for_save(full[name]), str(folder / f"{name}.safetensors"))
-            for name, opt in optimizers.items():
-                if name in trainer.sharded_groups:
-                    torch.save({"sharded": SHARDED_DIR, "key": f"optim.{name}"}, folder / f"optimizer-{name}.pt")
-                else:
-                    torch.save(opt.state_dict(), folder / f"optimizer-{name}.pt")
-            for name, sched in schedulers.items():
-                torch.save(sched.state_dict(), folder / f"scheduler-{name}.pt")
-            for name, scaler in scalers.items():
-                torch.save(scaler.state_dict(), folder / f"scaler-{name}.pt")
-            if ema is not None:
-                save_file(module_state_for_save(ema_full), str(folder / f"{ema[0]}_ema.safetensors"))
-            if extra is not None:
-                write_json(folder / "extra.json", extra)
-            for f in folder.iterdir():
-                if f.is_file():
-                    fsync_path(f)
-            write_json(folder / "trainer_state.json", trainer_state)
-            fsync_path(folder / "trainer_state.json")
+            markers = {name: ({"sharded": SHARDED_DIR, "key": f"optim.{name}"} if name in trainer.sharded_groups
+                              else opt.state_dict()) for name, opt in files["optimizers"].items()}
+            write_files(folder, **files, module_states=full, optimizer_states=markers, ema_state=ema_full)
 
         def write() -> Path:
             path = save_checkpoint(
