@@ -32,20 +32,12 @@ import time
 from pathlib import Path
 
 import torch
+from common import git_commit  # noqa: E402  (benchmarks/common.py)
 
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results"
 NAME = "digits_ar_dd"
 BENCH = "digits-ar-dd"
-
-
-def git_commit() -> str:
-    try:
-        sha = subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=ROOT, text=True).strip()
-        dirty = subprocess.run(["git", "diff", "--quiet"], cwd=ROOT).returncode != 0
-        return sha + ("-dirty" if dirty else "")
-    except Exception:
-        return "unknown"
 
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:

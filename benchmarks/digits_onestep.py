@@ -20,17 +20,11 @@ import time
 from pathlib import Path
 
 import torch
+from common import git_commit  # noqa: E402  (benchmarks/common.py)
 
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results"
 NAME = "digits_onestep"
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=ROOT, text=True).strip()
-    except Exception:
-        return "unknown"
 
 
 def images_per_second(fn, n: int = 500, batch: int = 250) -> float:

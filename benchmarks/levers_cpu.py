@@ -46,6 +46,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import git_commit  # noqa: E402  (benchmarks/common.py)
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "levers_cpu.json"
 BENCHMARK = "levers_cpu"
@@ -62,17 +64,6 @@ BASE = {"generator_timesteps": [899], "update_ratio": 1, "real_guidance_scale": 
         "gan_weight_d": 0.01}
 PROMPTS = ["a red cat", "a blue dog on grass", "a green bird", "a cat on a mat", "two dogs", "a yellow boat",
            "a small house", "a tree at night"]
-
-
-def git_commit() -> str:
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                             check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "stepdistill"],
-                               cwd=ROOT, capture_output=True, text=True).stdout.strip()
-        return sha + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def make_teacher(tmp: Path, dtype: str = "float32", offload: bool = False):
@@ -185,7 +176,7 @@ def main() -> None:
     old = rows[0]
     command = "OMP_NUM_THREADS=1 python benchmarks/levers_cpu.py " + " ".join(
         shlex.quote(a) for a in sys.argv[1:])
-    meta = {"benchmark": BENCHMARK, "command": command.strip(), "commit": git_commit(),
+    meta = {"benchmark": BENCHMARK, "command": command.strip(), "commit": git_commit(dirty_paths=("stepdistill",)),
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     out = []
     for r in rows:

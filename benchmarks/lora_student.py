@@ -33,21 +33,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import git_commit  # noqa: E402  (benchmarks/common.py)
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "lora_student.json"
 BENCHMARK = "lora_student"
 LORA = {"rank": 8, "alpha": 8, "target_modules": ["to_q", "to_k", "to_v", "to_out.0"]}
-
-
-def git_commit() -> str:
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                             check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "stepdistill"],
-                               cwd=ROOT, capture_output=True, text=True).stdout.strip()
-        return sha + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def make_teacher_folder(root: Path) -> Path:
@@ -184,7 +175,7 @@ def main(argv=None) -> list[dict]:
         "seconds_per_step_ratio": lora["seconds_per_step"] / full["seconds_per_step"],
     }
     common = {"benchmark": BENCHMARK, "teacher": "small-sd-random (UNet 64-128-128, 16x16 latents)", "method": "dmd2",
-              "nfe": 1, "lora": LORA, "commit": git_commit(), "command": command,
+              "nfe": 1, "lora": LORA, "commit": git_commit(dirty_paths=("stepdistill",)), "command": command,
               "load_average": os.getloadavg()[0]}
     out = [{**common, **r} for r in (*rows, ratio)]
     for r in out:

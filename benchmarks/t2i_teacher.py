@@ -22,12 +22,12 @@ import argparse
 import json
 import os
 import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+from common import git_commit  # noqa: E402  (benchmarks/common.py)
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "t2i_teacher.json"
@@ -36,15 +36,6 @@ BENCHMARK = "t2i_teacher"
 SAMPLERS = ("ddim", "dpm++", "euler")
 STEPS = (1, 2, 4, 8, 25, 50)
 CFGS = (1.0, 2.0, 4.5, 7.5)
-
-
-def git_commit() -> str:
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                             check=True).stdout.strip()
-        return sha
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def _floats(s: str) -> list[float]:

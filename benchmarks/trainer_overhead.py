@@ -30,6 +30,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import git_commit  # noqa: E402  (benchmarks/common.py)
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "trainer_overhead.json"
 BENCHMARK = "trainer_overhead"
@@ -37,21 +39,6 @@ BENCHMARK = "trainer_overhead"
 TIMING = ["algorithm.params.regression_steps=0", "algorithm.params.critic_warmup_steps=0", "train.ema_decay=null"]
 IDENTITY = ["algorithm.params.regression_steps=4", "algorithm.params.regression_pairs=32",
             "algorithm.params.critic_warmup_steps=2", "train.batch_size=16", "train.ema_decay=0.9"]
-
-
-def git_commit(path: Path) -> str:
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=path, capture_output=True, text=True,
-                             check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=path,
-                               capture_output=True, text=True).stdout.strip()
-        return sha + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-# ---------------------------------------------------------------------------------------------
-# worker: runs inside one code version
 
 
 def _build(overrides: list[str]):
