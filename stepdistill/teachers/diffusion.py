@@ -246,45 +246,8 @@ class DiffusersTeacher(DiffusionTeacher):
         inferred from the denoiser config.  Every problem with the folder raises
         :class:`TeacherLoadError` naming the path.
         """
-        import diffusers
-
-        root = Path(path)
-        local = root.exists()
-        if local:
-            if not root.is_dir():
-                raise TeacherLoadError(f"{root} is a file, not a diffusers pipeline folder")
-            index_file = root / "model_index.json"
-            if not index_file.exists():
-                raise TeacherLoadError(
-                    f"{root} is not a diffusers pipeline folder (no model_index.json). Point teacher.path at a "
-                    "folder written by `save_pretrained` or by `stepdistill teacher train`."
-                )
-            index = _read_json(index_file)
-            src = str(root)
-        else:
-            try:
-                from huggingface_hub import hf_hub_download
-
-                index = json.loads(Path(hf_hub_download(str(path), "model_index.json")).read_text())
-            except Exception as e:  # offline, or not a repo
-                raise TeacherLoadError(
-                    f"teacher '{path}' is neither a local folder nor a reachable hub repo ({e}). "
-                    "Download it first (huggingface-cli download) and pass the local folder."
-                ) from e
-            src = str(path)
-        if not isinstance(index, dict):
-            raise TeacherLoadError(f"{path}: model_index.json must hold a JSON object")
-        denoiser_name = next((n for n in ("unet", "transformer") if _component(index, n)), None)
-        if denoiser_name is None:
-            raise TeacherLoadError(f"{path}: model_index.json names no 'unet' or 'transformer' component")
-        lib, cls_name = _component(index, denoiser_name)
-        model_cls = getattr(diffusers, cls_name, None)
-        if model_cls is None:
-            raise TeacherLoadError(f"{path}: denoiser class {lib}.{cls_name} is not a diffusers model class")
-        if local and not (root / denoiser_name).is_dir():
-            raise TeacherLoadError(
-                f"{root} has no '{denoiser_name}' folder although model_index.json names it"
-            )
+        index, src, local = _read_index(path)
+        denoiser_name, cls_name, model_cls = _denoiser_class(path, index, local)
         family = teacher_family(path, index, cls_name)
         if family == "flux":
             from .flow_transformers import check_flux_guidance_weights
@@ -300,13 +263,7 @@ class DiffusersTeacher(DiffusionTeacher):
         if sched_entry is not None:
             sched_cfg.setdefault("_class_name", sched_entry[1])
         if family != "generic":
-            if family == "sdxl":
-                from .sdxl import SDXLTeacher as family_cls
-            elif family == "sd3":
-                from .flow_transformers import SD3Teacher as family_cls
-            else:
-                from .flow_transformers import FluxTeacher as family_cls
-            teacher = family_cls.from_folder(
+            teacher = _family_class(family).from_folder(
                 path, src, index, model, sched_cfg,
                 prediction_type=prediction_type, guidance_scale=guidance_scale, dtype=dtype,
                 null_prompt=null_prompt, sample_shape=sample_shape,
@@ -319,42 +276,12 @@ class DiffusersTeacher(DiffusionTeacher):
                 f"{path}: a UNet2DConditionModel with addition_embed_type={added!r} outside an SDXL base "
                 f"folder is not a supported teacher; {SUPPORTED_FAMILIES}"
             )
-        text_encoder = tokenizer = vae = None
-        if _component(index, "text_encoder"):
-            import transformers
-
-            te_name = _component(index, "text_encoder")[1]
-            te_cls = getattr(transformers, te_name, None)
-            tok_entry = _component(index, "tokenizer")
-            tok_cls = getattr(transformers, tok_entry[1], None) if tok_entry else None
-            if te_cls is None or tok_cls is None:
-                raise TeacherLoadError(
-                    f"{path}: text encoder / tokenizer classes {te_name}, {tok_entry} are unknown "
-                    "to transformers (a text-conditional teacher needs both)"
-                )
-            text_encoder = _load_component(
-                path,
-                "text_encoder",
-                lambda: te_cls.from_pretrained(src, subfolder="text_encoder", dtype=dtype),
-            )
-            tokenizer = _load_component(
-                path, "tokenizer", lambda: tok_cls.from_pretrained(src, subfolder="tokenizer")
-            )
-        if _component(index, "vae"):
-            vae_name = _component(index, "vae")[1]
-            vae_cls = getattr(diffusers, vae_name, None)
-            if vae_cls is None:
-                raise TeacherLoadError(f"{path}: VAE class {vae_name} is not a diffusers model class")
-            vae = _load_component(
-                path, "vae", lambda: vae_cls.from_pretrained(src, subfolder="vae", torch_dtype=torch.float32)
-            )
+        text_encoder, tokenizer, vae = _load_text_and_vae(path, src, index, dtype)
         num_classes = index.get("num_classes")
         if num_classes is None:
             mc = model.config
             if mc.get("norm_type") == "ada_norm_zero" and mc.get("num_embeds_ada_norm"):
-                num_classes = int(
-                    mc["num_embeds_ada_norm"]
-                )  # DiT: the label table's extra row is the null class
+                num_classes = int(mc["num_embeds_ada_norm"])  # DiT: the label table's extra row is the null class
         if null_prompt is None:
             null_prompt = "zeros" if "XL" in str(index.get("_class_name", "")) else "empty"
         teacher = cls(
@@ -811,6 +738,98 @@ class DiffusersTeacher(DiffusionTeacher):
                     x = x0
         return x.float()
 
+
+
+# ---------------------------------------------------------------------------------------------
+# the steps of DiffusersTeacher.from_pretrained
+
+
+def _read_index(path) -> tuple[dict, str, bool]:
+    """``(model_index, source for from_pretrained, is_local)`` of a pipeline folder or hub id."""
+    root = Path(path)
+    local = root.exists()
+    if local:
+        if not root.is_dir():
+            raise TeacherLoadError(f"{root} is a file, not a diffusers pipeline folder")
+        index_file = root / "model_index.json"
+        if not index_file.exists():
+            raise TeacherLoadError(
+                f"{root} is not a diffusers pipeline folder (no model_index.json). Point teacher.path at a "
+                "folder written by `save_pretrained` or by `stepdistill teacher train`."
+            )
+        index = _read_json(index_file)
+    else:
+        try:
+            from huggingface_hub import hf_hub_download
+
+            index = json.loads(Path(hf_hub_download(str(path), "model_index.json")).read_text())
+        except Exception as e:  # offline, or not a repo
+            raise TeacherLoadError(
+                f"teacher '{path}' is neither a local folder nor a reachable hub repo ({e}). "
+                "Download it first (huggingface-cli download) and pass the local folder."
+            ) from e
+    if not isinstance(index, dict):
+        raise TeacherLoadError(f"{path}: model_index.json must hold a JSON object")
+    return index, str(root) if local else str(path), local
+
+
+def _denoiser_class(path, index: dict, local: bool) -> tuple[str, str, type]:
+    """``(component name, class name, diffusers class)`` of the folder's ``unet`` / ``transformer``."""
+    import diffusers
+
+    denoiser_name = next((n for n in ("unet", "transformer") if _component(index, n)), None)
+    if denoiser_name is None:
+        raise TeacherLoadError(f"{path}: model_index.json names no 'unet' or 'transformer' component")
+    lib, cls_name = _component(index, denoiser_name)
+    model_cls = getattr(diffusers, cls_name, None)
+    if model_cls is None:
+        raise TeacherLoadError(f"{path}: denoiser class {lib}.{cls_name} is not a diffusers model class")
+    if local and not (Path(path) / denoiser_name).is_dir():
+        raise TeacherLoadError(f"{path} has no '{denoiser_name}' folder although model_index.json names it")
+    return denoiser_name, cls_name, model_cls
+
+
+def _family_class(family: str):
+    """The teacher class of a non-generic family (SDXL, SD3, FLUX.1)."""
+    if family == "sdxl":
+        from .sdxl import SDXLTeacher
+
+        return SDXLTeacher
+    from .flow_transformers import FluxTeacher, SD3Teacher
+
+    return SD3Teacher if family == "sd3" else FluxTeacher
+
+
+def _load_text_and_vae(path, src: str, index: dict, dtype: torch.dtype):
+    """``(text_encoder, tokenizer, vae)`` of an SD-style folder (``None`` for absent parts)."""
+    import diffusers
+
+    text_encoder = tokenizer = vae = None
+    if _component(index, "text_encoder"):
+        import transformers
+
+        te_name = _component(index, "text_encoder")[1]
+        te_cls = getattr(transformers, te_name, None)
+        tok_entry = _component(index, "tokenizer")
+        tok_cls = getattr(transformers, tok_entry[1], None) if tok_entry else None
+        if te_cls is None or tok_cls is None:
+            raise TeacherLoadError(
+                f"{path}: text encoder / tokenizer classes {te_name}, {tok_entry} are unknown "
+                "to transformers (a text-conditional teacher needs both)"
+            )
+        text_encoder = _load_component(
+            path, "text_encoder", lambda: te_cls.from_pretrained(src, subfolder="text_encoder", dtype=dtype)
+        )
+        tokenizer = _load_component(path, "tokenizer", lambda: tok_cls.from_pretrained(src, subfolder="tokenizer"))
+    if _component(index, "vae"):
+        vae_name = _component(index, "vae")[1]
+        vae_cls = getattr(diffusers, vae_name, None)
+        if vae_cls is None:
+            raise TeacherLoadError(f"{path}: VAE class {vae_name} is not a diffusers model class")
+        vae = _load_component(
+            path, "vae", lambda: vae_cls.from_pretrained(src, subfolder="vae", torch_dtype=torch.float32)
+        )
+    return text_encoder, tokenizer, vae
 
 def _component(index: dict, name: str) -> tuple[str, str] | None:
     """``model_index.json`` entry ``[library, class]`` or None when absent / null."""
