@@ -216,7 +216,11 @@ def sample_timestep_indices(n: int, lo: int, hi: int, device=None, generator=Non
 
 
 def frac_to_index(teacher: DiffusionTeacher, frac: float) -> int:
-    return int(round(frac * (teacher.num_train_timesteps - 1)))
+    """The timestep index ``round(frac * T)`` clamped to ``T - 1``: DMD2 / SwiftBrush's
+    ``randint(int(0.02 T), int(0.98 T) + 1)`` is indices 20..980 of 1000, and a fraction of 1.0 the
+    whole range 0..999 (it was ``round(frac * (T - 1))``, i.e. 20..979)."""
+    t = teacher.num_train_timesteps
+    return min(int(round(frac * t)), t - 1)
 
 
 def denoising_weight(sigma: Tensor, kind: str, sigma_data: float = 0.5) -> Tensor:

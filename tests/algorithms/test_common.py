@@ -94,3 +94,13 @@ def test_generate_cached_draws_conditions_then_noise_and_reuses_the_sample(teach
     calls = []
     x3, _ = generate_cached(teacher, gen, batch, {}, grad=False, rollout=lambda z, c: calls.append(1) or z)
     assert calls and not x3.requires_grad and x3.shape == (5, *gen.sample_shape)
+
+
+def test_dm_timestep_range_is_the_papers_20_to_980():
+    """DMD2 / SwiftBrush draw DM timesteps with randint(20, 981): indices 20..980 of 1000 (was 20..979)."""
+    from types import SimpleNamespace
+
+    from stepdistill.algorithms.common import frac_to_index
+
+    t = SimpleNamespace(num_train_timesteps=1000)
+    assert (frac_to_index(t, 0.02), frac_to_index(t, 0.98), frac_to_index(t, 1.0)) == (20, 980, 999)
