@@ -13,7 +13,7 @@ with several evaluation seeds, the data and VAE floors at the same N, and an FID
 Rows (DESIGN.md section 8) are merged into ``benchmarks/results/t2i_teacher.json`` (a row replaces
 the row with the same part / sampler / steps / CFG / N); the plot is
 ``benchmarks/results/t2i_teacher.png``.  The teacher is never trained here: without ``--pipeline``
-the cached one (``stepdistill.teachers.text_to_image.ensure_t2i_teacher``) must exist.
+the cached one (``stepdistill.t2i_teacher.ensure_t2i_teacher``) must exist.
 """
 
 from __future__ import annotations
@@ -49,12 +49,12 @@ def _ints(s: str) -> list[int]:
 def teacher_folder(explicit: str | None) -> Path:
     if explicit:
         return Path(explicit)
-    from stepdistill.teachers.text_to_image import t2i_teacher_dir
+    from stepdistill.t2i_teacher import t2i_teacher_dir
 
     folder = t2i_teacher_dir() / "pipeline"
     if not (folder / "model_index.json").is_file():
         raise SystemExit(f"the text-to-image teacher is not cached ({folder}); train it first with "
-                         "python -c 'from stepdistill.teachers.text_to_image import ensure_t2i_teacher as e; e()'")
+                         "python -c 'from stepdistill.t2i_teacher import ensure_t2i_teacher as e; e()'")
     return folder
 
 

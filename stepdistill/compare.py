@@ -52,7 +52,7 @@ def resolve_teacher(teacher: str) -> CompareTeacher:
     """``t2i`` (the embedded text-to-image teacher, trained and cached on first use), ``digits`` (the
     embedded digits teacher) or a diffusers pipeline folder."""
     if teacher == "t2i":
-        from .teachers.text_to_image import ensure_t2i_teacher
+        from .t2i_teacher import ensure_t2i_teacher
 
         path, kind = str(ensure_t2i_teacher()), "diffusers"
     elif teacher == "digits":

@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -26,13 +25,7 @@ from pathlib import Path
 import torch
 
 from .config import ConfigError, RunConfig, TeacherConfig, from_dict, load_config, save_config, to_dict
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("STEPDISTILL_CACHE", Path.home() / ".cache" / "stepdistill"))
-
+from .utils import DTYPES, cache_dir  # noqa: E402,F401  (one definition for the package; re-exported)
 
 # ---------------------------------------------------------------------------------------------
 # teachers

@@ -702,7 +702,7 @@ def run_t2i_teacher_training(cfg, output: str | Path, progress: bool | None = No
         progress = bool(cfg.train.progress)
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
-    from .run import cache_dir
+    from .utils import cache_dir
 
     parts_root = cache_dir() / "teachers" / "t2i-parts"
     keys = part_keys(spec)
@@ -758,6 +758,39 @@ def run_t2i_teacher_training(cfg, output: str | Path, progress: bool | None = No
     return output / "pipeline"
 
 
+# ---------------------------------------------------------------------------------------------
+# the cache
+
+
+def t2i_teacher_dir(preset: str = "t2i", overrides: list[str] | None = None, config=None) -> Path:
+    """Cache folder of the t2i teacher for a preset + overrides, or a ``teacher.kind: t2i`` RunConfig
+    (keyed by the resolved recipe)."""
+    from .config import load_config
+    from .utils import cache_dir
+
+    cfg = config if config is not None else load_config(preset, overrides or [])
+    spec = spec_from_params(cfg.teacher.params, seed=cfg.train.seed)
+    return cache_dir() / "teachers" / f"t2i-{part_keys(spec)['unet']}"
+
+
+def ensure_t2i_teacher(preset: str = "t2i", overrides: list[str] | None = None, quiet: bool = False,
+                       progress: bool | None = None, workers: int | None = None, config=None) -> Path:
+    """Return the cached text-to-image teacher's ``StableDiffusionPipeline`` folder, training it
+    first when missing (``~/.cache/stepdistill/teachers/t2i-<key>/pipeline``, or under
+    ``$STEPDISTILL_CACHE``).  Training resumes from its checkpoints if it was interrupted; ``workers``
+    CPU processes train data-parallel (see :func:`run_t2i_teacher_training`)."""
+    from .config import load_config
+
+    cfg = config if config is not None else load_config(preset, overrides or [])
+    out = t2i_teacher_dir(config=cfg)
+    if (out / "pipeline" / "model_index.json").exists():
+        return out / "pipeline"
+    if not quiet:
+        print(f"[stepdistill] text-to-image teacher not cached; training it once into {out} ...", flush=True)
+    run_t2i_teacher_training(cfg, out, progress=progress, workers=workers)
+    return out / "pipeline"
+
+
 def build_t2i_teacher(tcfg):
     """``teacher.kind: t2i`` -> a frozen :class:`~stepdistill.teachers.diffusion.DiffusersTeacher` of the
     embedded text-to-image teacher: ``teacher.path`` if given, else the cached teacher of
@@ -765,9 +798,7 @@ def build_t2i_teacher(tcfg):
     teacher section), trained on first use."""
     from .config import ConfigError, load_config
     from .teachers.diffusion import DiffusersTeacher
-    from .teachers.text_to_image import ensure_t2i_teacher
-
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    from .utils import DTYPES as dtypes
     if tcfg.dtype not in dtypes:
         raise ConfigError(f"teacher.dtype must be one of {', '.join(dtypes)}, got {tcfg.dtype!r}")
     params = dict(tcfg.params or {})
@@ -856,7 +887,6 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    from .teachers.text_to_image import ensure_t2i_teacher
 
     folder = ensure_t2i_teacher(args.preset, args.overrides, progress=not args.no_progress, workers=args.workers)
     print(f"[stepdistill] t2i teacher: {folder}")

@@ -19,7 +19,10 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = {"stepdistill": ROOT / "stepdistill", "stepdistill.eval": ROOT / "eval",
             "stepdistill.pipelines": ROOT / "pipelines"}
 LOWER = ["stepdistill.teachers", "stepdistill.data"]
-UPPER = ("stepdistill.algorithms", "stepdistill.training")
+UPPER = ("stepdistill.algorithms", "stepdistill.training",
+         # the glue above them too (a teacher that trains itself on first use asks the glue, not the reverse)
+         "stepdistill.run", "stepdistill.cli", "stepdistill.t2i_teacher", "stepdistill.compare", "stepdistill.demo",
+         "stepdistill.export")
 
 
 def _modules(package: str):

@@ -86,7 +86,7 @@ def test_judge_weights_are_not_the_teachers(tiny_pipe):
     teacher = J.judge_fingerprint(tiny_pipe)
     assert teacher and not judge & teacher
     try:  # the real teacher, when it is cached on this machine (never trained here)
-        from stepdistill.teachers.text_to_image import t2i_teacher_dir
+        from stepdistill.t2i_teacher import t2i_teacher_dir
         real = t2i_teacher_dir() / "pipeline"
     except Exception:  # noqa: BLE001
         real = None

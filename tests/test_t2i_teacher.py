@@ -14,6 +14,7 @@ import textwrap
 import pytest
 import torch
 
+from stepdistill import t2i_teacher as trainer
 from stepdistill.config import load_config
 from stepdistill.data.colored_mnist import caption, vocabulary
 from stepdistill.teachers import text_to_image as t2i
@@ -42,7 +43,7 @@ PROMPT = caption(7, 0, 2)  # "a red seven on a blue background"
 
 @pytest.fixture(scope="module")
 def tiny_teacher():
-    return t2i.ensure_t2i_teacher("t2i", TINY, quiet=True, progress=False)
+    return trainer.ensure_t2i_teacher("t2i", TINY, quiet=True, progress=False)
 
 
 def test_builders_make_stock_classes(tmp_path):
@@ -167,17 +168,17 @@ def test_cache_is_keyed_by_the_recipe(tiny_teacher, monkeypatch):
         raise AssertionError("retrained a cached teacher")
 
     monkeypatch.setattr(trainer, "run_t2i_teacher_training", boom)
-    assert t2i.ensure_t2i_teacher("t2i", TINY, quiet=True) == tiny_teacher
+    assert trainer.ensure_t2i_teacher("t2i", TINY, quiet=True) == tiny_teacher
     # any recipe change moves the folder; a UNet change keeps the VAE and text keys
     base = t2i.spec_from_params(load_config("t2i", TINY).teacher.params)
     other = t2i.spec_from_params(load_config("t2i", TINY + ["teacher.params.unet.lr=0.0005"]).teacher.params)
     k0, k1 = t2i.part_keys(base), t2i.part_keys(other)
     assert k0["vae"] == k1["vae"] and k0["text"] == k1["text"] and k0["unet"] != k1["unet"]
-    assert t2i.t2i_teacher_dir("t2i", TINY + ["teacher.params.unet.lr=0.0005"]) != tiny_teacher.parent
+    assert trainer.t2i_teacher_dir("t2i", TINY + ["teacher.params.unet.lr=0.0005"]) != tiny_teacher.parent
     vae_changed = t2i.part_keys(t2i.spec_from_params(
         load_config("t2i", TINY + ["teacher.params.vae.kl_weight=0.001"]).teacher.params))
     assert vae_changed["vae"] != k0["vae"] and vae_changed["unet"] != k0["unet"]  # the UNet builds on the VAE
-    assert t2i.t2i_teacher_dir("t2i", TINY + ["train.progress=true"]) == tiny_teacher.parent  # not part of the recipe
+    assert trainer.t2i_teacher_dir("t2i", TINY + ["train.progress=true"]) == tiny_teacher.parent  # not part of the recipe
 
 
 def test_unknown_recipe_key_is_an_error():
@@ -226,7 +227,7 @@ def test_two_workers_train_the_same_teacher(tiny_teacher, tmp_path, monkeypatch)
     from safetensors.torch import load_file
 
     monkeypatch.setenv("STEPDISTILL_CACHE", str(tmp_path / "cache"))
-    folder = t2i.ensure_t2i_teacher("t2i", TINY, quiet=True, progress=False, workers=2)
+    folder = trainer.ensure_t2i_teacher("t2i", TINY, quiet=True, progress=False, workers=2)
     assert folder != tiny_teacher
     for part in ("vae", "unet"):
         a = load_file(str(tiny_teacher / part / "diffusion_pytorch_model.safetensors"))

@@ -15,7 +15,7 @@ loads the folder and any stock scheduler samples it):
 * ``scheduler`` -- :class:`diffusers.DDIMScheduler` configured as SD 1.5's (``steps_offset=1``,
   ``set_alpha_to_one=False``, ``clip_sample=False``, leading spacing).
 
-This module holds the architecture specs, the builders and :func:`ensure_t2i_teacher` (the cache);
+This module holds the architecture specs and the builders; the cache (:func:`stepdistill.t2i_teacher.ensure_t2i_teacher`) and
 the training procedures live in :mod:`stepdistill.t2i_teacher` (teachers do not import the
 training stack).
 """
@@ -330,41 +330,6 @@ def n_params(module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-# ---------------------------------------------------------------------------------------------
-# the cache
-
-
-def t2i_teacher_dir(preset: str = "t2i", overrides: list[str] | None = None, config=None) -> Path:
-    """Cache folder of the t2i teacher for a preset + overrides, or a ``teacher.kind: t2i`` RunConfig
-    (keyed by the resolved recipe)."""
-    from ..config import load_config
-    from ..run import cache_dir
-
-    cfg = config if config is not None else load_config(preset, overrides or [])
-    spec = spec_from_params(cfg.teacher.params, seed=cfg.train.seed)
-    return cache_dir() / "teachers" / f"t2i-{part_keys(spec)['unet']}"
-
-
-def ensure_t2i_teacher(preset: str = "t2i", overrides: list[str] | None = None, quiet: bool = False,
-                       progress: bool | None = None, workers: int | None = None, config=None) -> Path:
-    """Return the cached text-to-image teacher's ``StableDiffusionPipeline`` folder, training it
-    first when missing (``~/.cache/stepdistill/teachers/t2i-<key>/pipeline``, or under
-    ``$STEPDISTILL_CACHE``).  Training resumes from its checkpoints if it was interrupted; ``workers``
-    CPU processes train data-parallel (see :func:`stepdistill.t2i_teacher.run_t2i_teacher_training`)."""
-    from ..config import load_config
-
-    cfg = config if config is not None else load_config(preset, overrides or [])
-    out = t2i_teacher_dir(config=cfg)
-    if (out / "pipeline" / "model_index.json").exists():
-        return out / "pipeline"
-    if not quiet:
-        print(f"[stepdistill] text-to-image teacher not cached; training it once into {out} ...", flush=True)
-    from ..t2i_teacher import run_t2i_teacher_training
-
-    run_t2i_teacher_training(cfg, out, progress=progress, workers=workers)
-    return out / "pipeline"
-
-
 __all__ = [
     "SD15_SCHEDULE",
     "DataSpec",
@@ -378,10 +343,8 @@ __all__ = [
     "build_unet",
     "build_vae",
     "check_prompts",
-    "ensure_t2i_teacher",
     "known_words",
     "part_keys",
     "spec_from_params",
-    "t2i_teacher_dir",
     "word_merges",
 ]
