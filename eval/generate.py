@@ -231,6 +231,29 @@ def _recorded(pipe: Any, key: str) -> Any:
     return cfg.get(f"_stepdistill_{key}") if cfg is not None and hasattr(cfg, "get") else None
 
 
+def recorded_call(pipe: Any, num_inference_steps: int | None = None, given: dict | None = None) -> dict:
+    """The ``__call__`` keywords a stepdistill export recorded for its stock pipeline (scheduler config
+    ``_stepdistill_pipeline_call``: the student's timesteps or sigmas, ``guidance_scale`` 0 or 1 --
+    guidance is distilled in --, sizes), as defaults under what the caller ``given``: a stock
+    ``StableDiffusionPipeline`` would otherwise run a student at its own CFG 7.5 and 50-step
+    schedule.  With ``num_inference_steps`` set, the recorded schedule is dropped (the caller asks
+    for another).  Older exports recorded only ``_stepdistill_timesteps``.  Keywords the pipeline
+    does not take, and timesteps of pipelines that keep them in their own config, are left out."""
+    given = given or {}
+    call = dict(_recorded(pipe, "pipeline_call") or {})
+    if not call and _recorded(pipe, "timesteps"):
+        call = {"timesteps": list(_recorded(pipe, "timesteps"))}
+    if num_inference_steps is not None or "timesteps" in given or "sigmas" in given:
+        for key in ("timesteps", "sigmas", "num_inference_steps"):
+            call.pop(key, None)
+    if "timesteps" in call or "sigmas" in call:
+        call.pop("num_inference_steps", None)  # the schedule fixes the count (diffusers warns on both)
+    cfg = getattr(pipe, "config", None) or {}
+    if isinstance(cfg, dict) and "timesteps" in cfg:
+        call.pop("timesteps", None)
+    return {k: v for k, v in call.items() if k not in given and _has_param(pipe.__call__, k)}
+
+
 def pipeline_num_classes(pipe: Any) -> int | None:
     """Number of classes of a class-conditional pipeline: ``pipe.num_classes``, ``pipe.config``, or
     a component config (``num_classes`` / ``num_class_embeds`` / DiT's ``num_embeds_ada_norm``)."""
@@ -309,12 +332,7 @@ def iter_sample_pipeline(
         raise EvalInputError(f"number of images ({n}) and batch size ({batch_size}) must be positive")
     if num_inference_steps is not None and (isinstance(num_inference_steps, bool) or int(num_inference_steps) < 1):
         raise EvalInputError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
-    # stock pipelines of stepdistill exports: sample the recorded training-time timesteps by default
-    recorded = _recorded(pipe, "timesteps")
-    cfg = getattr(pipe, "config", None) or {}
-    if (num_inference_steps is None and "timesteps" not in call_kwargs and recorded
-            and not (isinstance(cfg, dict) and "timesteps" in cfg) and _has_param(pipe.__call__, "timesteps")):
-        call_kwargs["timesteps"] = list(recorded)
+    call_kwargs = {**recorded_call(pipe, num_inference_steps, call_kwargs), **call_kwargs}
     takes_batch_size = _has_param(pipe.__call__, "batch_size")
     with _progress(n, "sample", progress) as bar:
         for start in range(0, n, batch_size):

@@ -490,3 +490,33 @@ def test_lora_student_and_linear_schedule(tmp_path):
     x, hidden = torch.randn(1, 4, 8, 8), torch.randn(1, 16, 32)
     with torch.no_grad():
         assert torch.allclose(merged(x, 10, hidden).sample, unet(x, 10, hidden).sample, atol=1e-5)
+
+
+def test_eval_samples_an_exported_student_with_its_recorded_call(tmp_path, monkeypatch):
+    """`stepdistill eval` / `sample` on a stock SD student folder run the recorded call (timesteps,
+    guidance 0), not StableDiffusionPipeline's defaults (CFG 7.5, 50 steps); an explicit value wins."""
+    import functools
+
+    from stepdistill.eval.generate import iter_sample_pipeline
+
+    sd_dir = tiny_sd_pipeline_folder(tmp_path)
+    teacher = DiffusersTeacher.from_pretrained(sd_dir)
+    gen = Generator(teacher.trainable_copy(), [899])
+    out = export_generator(gen, teacher, tmp_path / "sd-student", algorithm="dmd2", paper="DMD2")
+    pipe = StableDiffusionPipeline.from_pretrained(out)
+    pipe.set_progress_bar_config(disable=True)
+    seen = []
+    real = type(pipe).__call__
+
+    @functools.wraps(real)  # keeps the signature the sampler inspects
+    def spy(self, *args, **kwargs):
+        seen.append({k: v for k, v in kwargs.items() if k not in ("generator", "prompt")})
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(pipe), "__call__", spy)
+    list(iter_sample_pipeline(pipe, 2, batch_size=2, prompts=["a cat", "a dog"], progress=False))
+    assert seen[-1]["guidance_scale"] == 0.0 and seen[-1]["timesteps"] == [899]
+    assert "num_inference_steps" not in seen[-1]
+    list(iter_sample_pipeline(pipe, 2, batch_size=2, prompts=["a cat", "a dog"], progress=False,
+                              guidance_scale=2.0, num_inference_steps=2))
+    assert seen[-1]["guidance_scale"] == 2.0 and seen[-1]["num_inference_steps"] == 2 and "timesteps" not in seen[-1]
