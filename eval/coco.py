@@ -21,9 +21,7 @@ resize); numbers are reported as ``FID-N<n>`` with the mean and std over the eva
 
 from __future__ import annotations
 
-import math
 import os
-import time
 from pathlib import Path
 from typing import Any
 
@@ -122,15 +120,13 @@ def evaluate_coco(
     from .clip_score import clip_score, load_clip
     from .detectors import InceptionDetector
     from .fid import FeatureStats, frechet_distance
-    from .generate import iter_sample_pipeline, load_pipeline, load_prompts
+    from .generate import load_prompts
     from .metrics import compute_stats
-    from .t2i import SEED_STRIDE, check_prompts_for_tokenizer, set_scheduler, summarize
+    from .t2i import check_seeds, prepare_pipeline, score_per_seed, summarize
 
     files = resolve_coco_files(root, prompts=prompts, reference=reference, inception_weights=inception_weights,
                                clip_model=clip_model)
-    seeds = [int(s) for s in seeds]
-    if not seeds or len(set(seeds)) != len(seeds):
-        raise EvalInputError(f"evaluation seeds must be distinct and at least one, got {seeds}")
+    seeds = check_seeds(seeds)
     plist = load_prompts(files["prompts"])
     n = len(plist) if num_images is None else int(num_images)
     if n <= 0:
@@ -149,27 +145,18 @@ def evaluate_coco(
         ref = compute_stats(os.fspath(ref_path), det, None, progress=progress)
     clip = load_clip(files["clip"], device) if files["clip"] is not None else None
 
-    pipe = load_pipeline(pipeline, device=device) if isinstance(pipeline, (str, os.PathLike)) else pipeline
-    tok_info = check_prompts_for_tokenizer(sorted(set(used)), getattr(pipe, "tokenizer", None))
-    sched = set_scheduler(pipe, scheduler)
-    kw: dict[str, Any] = {}
-    if guidance_scale is not None:
-        kw["guidance_scale"] = float(guidance_scale)
-    per_seed = []
-    for s in seeds:
-        t0 = time.perf_counter()
-        xs = [x for x, _, _ in iter_sample_pipeline(pipe, n, seed=SEED_STRIDE * s, batch_size=batch_size, prompts=used,
-                                                   num_inference_steps=num_inference_steps, progress=progress,
-                                                   device=device, **kw)]
-        gen_s = time.perf_counter() - t0
-        x = torch.cat(xs)
+    pipe, tok_info, sched = prepare_pipeline(pipeline, used, scheduler, None, device)
+
+    def score(seed: int, x: torch.Tensor) -> dict:
         st = FeatureStats.from_features(det.features(x))
-        row: dict[str, Any] = {"seed": s, "fid": frechet_distance(st.mu, st.sigma, ref.mu, ref.sigma),
-                               "images_per_s": n / gen_s if gen_s > 0 else math.inf}
+        row: dict[str, Any] = {"fid": frechet_distance(st.mu, st.sigma, ref.mu, ref.sigma)}
         if clip is not None:
             c = clip_score(x, used, clip, prefix=clip_prefix)
             row["clip_score"], row["clip_cosine"] = c["clip_score"], c["clip_cosine"]
-        per_seed.append(row)
+        return row
+
+    per_seed = score_per_seed(pipe, used, seeds, score, batch_size=batch_size, guidance_scale=guidance_scale,
+                              num_inference_steps=num_inference_steps, progress=progress, device=device)
     return {
         "metric": f"{det.fid_name}-N{n}",
         **summarize(per_seed),

@@ -237,6 +237,47 @@ def _load_clip_judge(clip_model: Any, device: Any):
     return load_clip(clip_model, device), os.fspath(clip_model)
 
 
+def check_seeds(seeds) -> list[int]:
+    """Evaluation seeds as ints: at least one, all distinct."""
+    seeds = [int(s) for s in seeds]
+    if not seeds:
+        raise EvalInputError("at least one evaluation seed is needed (e.g. --seeds 0,1,2)")
+    if len(set(seeds)) != len(seeds):
+        raise EvalInputError(f"evaluation seeds must differ, got {seeds}")
+    return seeds
+
+
+def prepare_pipeline(pipeline: Any, prompts: list[str], scheduler: str | None, scheduler_kwargs: dict | None,
+                     device) -> tuple[Any, dict, str | None]:
+    """``(pipe, tokenizer report, scheduler name)``: the pipeline loaded (a folder) or taken as is,
+    its progress bar off, the prompts checked against its tokenizer, the sampler swapped in."""
+    from .generate import load_pipeline
+
+    pipe = load_pipeline(pipeline, device=device) if isinstance(pipeline, (str, os.PathLike)) else pipeline
+    if hasattr(pipe, "set_progress_bar_config"):
+        pipe.set_progress_bar_config(disable=True)
+    tok_info = check_prompts_for_tokenizer(sorted(set(prompts)), getattr(pipe, "tokenizer", None))
+    return pipe, tok_info, set_scheduler(pipe, scheduler, **(scheduler_kwargs or {}))
+
+
+def score_per_seed(pipe: Any, prompts: list[str], seeds: list[int], score, *, batch_size: int,
+                   guidance_scale: float | None, num_inference_steps: int | None, progress: bool, device) -> list[dict]:
+    """For each evaluation seed ``s``: image ``i`` from prompt ``i`` with seed ``SEED_STRIDE * s + i``,
+    then ``{"seed": s, **score(s, images), "images_per_s": ...}`` (generation time only)."""
+    from .generate import iter_sample_pipeline
+
+    kw: dict[str, Any] = {} if guidance_scale is None else {"guidance_scale": float(guidance_scale)}
+    n, rows = len(prompts), []
+    for s in seeds:
+        t0 = time.perf_counter()
+        xs = [x for x, _, _ in iter_sample_pipeline(pipe, n, seed=SEED_STRIDE * s, batch_size=batch_size,
+                                                   prompts=prompts, num_inference_steps=num_inference_steps,
+                                                   progress=progress, device=device, **kw)]
+        gen_s = time.perf_counter() - t0
+        rows.append({"seed": s, **score(s, torch.cat(xs)), "images_per_s": n / gen_s if gen_s > 0 else math.inf})
+    return rows
+
+
 def evaluate_t2i(
     pipeline: Any,
     prompts: str | os.PathLike | None = None,
@@ -266,14 +307,9 @@ def evaluate_t2i(
     """
     from stepdistill.data.colored_mnist import EVAL_PROMPTS_FILE
 
-    from .generate import iter_sample_pipeline, load_pipeline
     from .judges import AttributeDetector, default_attribute_detector
 
-    seeds = [int(s) for s in seeds]
-    if not seeds:
-        raise EvalInputError("at least one evaluation seed is needed (e.g. --seeds 0,1,2)")
-    if len(set(seeds)) != len(seeds):
-        raise EvalInputError(f"evaluation seeds must differ, got {seeds}")
+    seeds = check_seeds(seeds)
     prompt_path = Path(prompts) if prompts is not None else EVAL_PROMPTS_FILE
     plist, attrs = read_prompts(prompt_path, need_attributes=require_captions)
     n = len(plist) if num_images is None else int(num_images)
@@ -282,11 +318,7 @@ def evaluate_t2i(
     used = [plist[i % len(plist)] for i in range(n)]
     used_attrs = None if attrs is None else attrs[torch.arange(n) % len(plist)]
 
-    pipe = load_pipeline(pipeline, device=device) if isinstance(pipeline, (str, os.PathLike)) else pipeline
-    if hasattr(pipe, "set_progress_bar_config"):
-        pipe.set_progress_bar_config(disable=True)
-    tok_info = check_prompts_for_tokenizer(sorted(set(used)), getattr(pipe, "tokenizer", None))
-    sched_name = set_scheduler(pipe, scheduler, **(scheduler_kwargs or {}))
+    pipe, tok_info, sched_name = prepare_pipeline(pipeline, used, scheduler, scheduler_kwargs, device)
 
     if attr_judge is None:
         det = default_attribute_detector(device=device)
@@ -297,24 +329,17 @@ def evaluate_t2i(
     ref_stats, ref_info = reference_features(det, reference)
     clip, clip_id = _load_clip_judge(clip_model, device)
 
-    call_kw: dict[str, Any] = {}
-    if guidance_scale is not None:
-        call_kw["guidance_scale"] = float(guidance_scale)
-    per_seed, images_by_seed = [], {}
-    for s in seeds:
-        t0 = time.perf_counter()
-        xs = [x for x, _, _ in iter_sample_pipeline(pipe, n, seed=SEED_STRIDE * s, batch_size=batch_size,
-                                                   prompts=used, num_inference_steps=num_inference_steps,
-                                                   progress=progress, device=device, **call_kw)]
-        gen_s = time.perf_counter() - t0
-        x = torch.cat(xs)
+    images_by_seed = {}
+
+    def score(seed: int, x: torch.Tensor) -> dict:
         if x.shape[1] != 3:
             raise EvalInputError(f"the pipeline returned {x.shape[1]}-channel images; the judges need RGB")
-        row = {"seed": s, **score_images(x, used, used_attrs, detector=det, ref_stats=ref_stats, clip=clip),
-               "images_per_s": n / gen_s if gen_s > 0 else math.inf}
-        per_seed.append(row)
         if keep_images:
-            images_by_seed[s] = x
+            images_by_seed[seed] = x
+        return score_images(x, used, used_attrs, detector=det, ref_stats=ref_stats, clip=clip)
+
+    per_seed = score_per_seed(pipe, used, seeds, score, batch_size=batch_size, guidance_scale=guidance_scale,
+                              num_inference_steps=num_inference_steps, progress=progress, device=device)
     res: dict[str, Any] = {
         "metric": f"{det.fid_name}-N{n}",
         **summarize(per_seed),
