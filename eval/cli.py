@@ -229,6 +229,12 @@ def _cmd_coco(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _add_commands(sub: argparse._SubParsersAction) -> None:
+    _add_image_commands(sub)
+    _add_t2i_commands(sub)
+
+
+def _add_image_commands(sub: argparse._SubParsersAction) -> None:
+    """fid, clip, train-detector, stats, accuracy, sample."""
     p = sub.add_parser("fid", help="FID between two sources",
                        description="FID between A (usually generated) and B (usually the reference). A source is a "
                                    "dataset name (digits, digits-a, digits-b), an image folder, an .npz (images or "
@@ -279,6 +285,10 @@ def _add_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(_eval_handler=_cmd_sample)
 
     # ---- text-to-image
+
+
+def _add_t2i_commands(sub: argparse._SubParsersAction) -> None:
+    """t2i, t2i-floors, train-t2i-judges, coco."""
     def _t2i_gen(p: argparse.ArgumentParser) -> None:
         g = p.add_argument_group("text-to-image generation")
         g.add_argument("--num-images", "-n", type=int, default=None, help="images per seed (default: one per prompt)")
@@ -346,6 +356,8 @@ def _add_commands(sub: argparse._SubParsersAction) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- output
+
+
 def _fmt(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.4f}" if math.isfinite(v) else str(v)
