@@ -41,6 +41,7 @@ from .common import (
     SCHEDULER_CALL_KEY,
     SCHEDULER_TIMESTEPS_KEY,
     SUPPORTED,
+    ExportError,
     UnsupportedStudentError,
     atomic_output_dir,
     flow_scheduler,
@@ -181,6 +182,44 @@ def _notes(family: str, scheduler, timesteps, call, embedded_guidance: bool) -> 
     return notes
 
 
+def _snippets(out, pipeline_name: str, sched_name: str, family: str, timesteps, call: dict, notes: list[str],
+              write_pipeline: bool, write_lora: bool, adapter: bool, teacher_id: str | None) -> list[str]:
+    """The model card's loading snippets (full pipeline and / or LoRA on the stock teacher); adds the
+    LoRA notes to ``notes``."""
+    component = FAMILIES[family][1]
+    seed = "torch.manual_seed(0)  # the re-noising noise comes from the global RNG\n" if (
+        family in ("sd3", "flux") and len(timesteps) > 1) else ""
+    run = f'image = pipe("{PROMPT}", {_fmt_call(call)}).images[0]'
+    snippets = []
+    if write_pipeline:
+        snippets.append(
+            "import torch\n"
+            f"from diffusers import {pipeline_name}\n\n"
+            f'pipe = {pipeline_name}.from_pretrained("{out}")\n'
+            f"{seed}{run}"
+        )
+    if write_lora:
+        snippets.append(
+            ("# or: the LoRA weights on the stock teacher pipeline\n" if write_pipeline else "import torch\n")
+            + f"from diffusers import {pipeline_name}, {sched_name}\n\n"
+            f'pipe = {pipeline_name}.from_pretrained("{teacher_id}")  # the stock teacher pipeline\n'
+            f'pipe.scheduler = {sched_name}.from_pretrained("{out}", subfolder="scheduler")\n'
+            f'pipe.load_lora_weights("{out}")\n'
+            f"{seed}{run}"
+        )
+        notes.insert(0,
+            f"`pytorch_lora_weights.safetensors` holds the student as LoRA weights for the teacher's {component} "
+            "(rank / alpha / target modules in the file's metadata): load them onto the stock teacher pipeline and "
+            "swap in this folder's scheduler. `pipe.fuse_lora()` folds them into the weights; "
+            "`stepdistill.export.lora.load_lora(pipe, folder)` checks the keys first and names what the pipeline "
+            "expects when they do not match."
+            + (" The full pipeline in this folder has the adapter fused in." if write_pipeline else "")
+        )
+    elif adapter:
+        notes.insert(0, "The student's LoRA adapter is fused into the weights of this full pipeline.")
+    return snippets
+
+
 def export_text_student(generator, teacher, out: Path, *, algorithm: str, paper: str = "", metrics=None,
                         extra=None, use_ema_state=None, overwrite: bool = False, teacher_name_: str | None = None,
                         lora: str = "auto") -> Path:
@@ -208,42 +247,13 @@ def export_text_student(generator, teacher, out: Path, *, algorithm: str, paper:
     embedded = bool(getattr(den, "embedded_guidance", False))
     adapter = has_adapters(unwrap(den.model))
     if lora == "adapter" and not adapter:
-        raise ValueError("lora='adapter' needs a LoRA student (algorithm.params.generator_lora); this one has no adapter")
+        raise ExportError("lora='adapter' needs a LoRA student (algorithm.params.generator_lora); this one has no adapter")
     mode = ("both" if lora == "auto" else lora) if adapter else "fused"
     write_lora, write_pipeline = mode in ("both", "adapter"), mode in ("both", "fused")
     notes = _notes(family, scheduler, timesteps, call, embedded)
     sched_name = type(scheduler).__name__
-    seed = "torch.manual_seed(0)  # the re-noising noise comes from the global RNG\n" if (
-        family in ("sd3", "flux") and len(timesteps) > 1) else ""
-    run = f'image = pipe("{PROMPT}", {_fmt_call(call)}).images[0]'
-    snippets = []
-    if write_pipeline:
-        snippets.append(
-            "import torch\n"
-            f"from diffusers import {pipeline_name}\n\n"
-            f'pipe = {pipeline_name}.from_pretrained("{out}")\n'
-            f"{seed}{run}"
-        )
-    if write_lora:
-        teacher_id = teacher_name(teacher, generator, teacher_name_, extra)
-        snippets.append(
-            ("# or: the LoRA weights on the stock teacher pipeline\n" if write_pipeline else "import torch\n")
-            + f"from diffusers import {pipeline_name}, {sched_name}\n\n"
-            f'pipe = {pipeline_name}.from_pretrained("{teacher_id}")  # the stock teacher pipeline\n'
-            f'pipe.scheduler = {sched_name}.from_pretrained("{out}", subfolder="scheduler")\n'
-            f'pipe.load_lora_weights("{out}")\n'
-            f"{seed}{run}"
-        )
-        notes.insert(0,
-            f"`pytorch_lora_weights.safetensors` holds the student as LoRA weights for the teacher's {component} "
-            "(rank / alpha / target modules in the file's metadata): load them onto the stock teacher pipeline and "
-            "swap in this folder's scheduler. `pipe.fuse_lora()` folds them into the weights; "
-            "`stepdistill.export.lora.load_lora(pipe, folder)` checks the keys first and names what the pipeline "
-            "expects when they do not match."
-            + (" The full pipeline in this folder has the adapter fused in." if write_pipeline else "")
-        )
-    elif adapter:
-        notes.insert(0, "The student's LoRA adapter is fused into the weights of this full pipeline.")
+    snippets = _snippets(out, pipeline_name, sched_name, family, timesteps, call, notes, write_pipeline, write_lora,
+                         adapter, teacher_name(teacher, generator, teacher_name_, extra) if write_lora else None)
     snippet = "\n\n".join(snippets)
     meta = student_meta(generator, teacher, algorithm=algorithm, paper=paper, pipeline=pipeline_name,
                         name=teacher_name_, extra=extra, metrics=metrics, snippet=snippet,
