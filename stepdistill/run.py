@@ -82,20 +82,80 @@ def _analytic_teacher(tcfg: TeacherConfig):
     return GaussianMixtureTeacher.from_params(params)
 
 
+#: ``teacher.params`` keys of the diffusers-folder kinds (``diffusers``, ``digits``): how the folder is
+#: loaded, not what it is (``preset``: the embedded digits teacher's preset)
+DIFFUSERS_TEACHER_PARAMS = ("preset", "offload_frozen", "sample_shape", "resolution")
+
+
 def _diffusers_teacher(tcfg: TeacherConfig):
     """``teacher.kind: diffusers`` (``teacher.path``) or ``digits`` (the embedded teacher, trained and
-    cached on first use unless ``teacher.path`` names a folder)."""
+    cached on first use unless ``teacher.path`` names a folder).
+
+    ``teacher.params``: ``sample_shape: [C, H, W]`` (the denoised latent / pixel shape; default: the
+    denoiser config's) or ``resolution`` (pixels, square; the latent shape from the folder's VAE
+    config), and ``offload_frozen: true`` (:meth:`DiffusersTeacher.offload_frozen_parts`: the frozen
+    text encoder(s) and VAE stay in host memory while the denoisers sit on the accelerator)."""
     from .teachers.diffusion import DiffusersTeacher
 
+    params = dict(tcfg.params or {})
+    unknown = [k for k in params if k not in DIFFUSERS_TEACHER_PARAMS]
+    if unknown and tcfg.kind == "diffusers":
+        raise ConfigError(
+            f"unknown key(s) {', '.join('teacher.params.' + k for k in unknown)} for teacher.kind=diffusers; "
+            f"allowed: {', '.join(k for k in DIFFUSERS_TEACHER_PARAMS if k != 'preset')}"
+        )
     if tcfg.kind == "digits":
-        path = tcfg.path or str(ensure_embedded_teacher(tcfg.params.get("preset", "digits/teacher")))
+        path = tcfg.path or str(ensure_embedded_teacher(params.get("preset", "digits/teacher")))
     else:
         if not tcfg.path:
             raise ConfigError("teacher.path is required for teacher.kind=diffusers (a pipeline folder or hub id)")
         path = tcfg.path
+    offload = params.get("offload_frozen", False)
+    if not isinstance(offload, bool):
+        raise ConfigError(f"teacher.params.offload_frozen must be true or false, got {offload!r}")
     dtype = _dtype(tcfg)
-    return DiffusersTeacher.from_pretrained(path, prediction_type=tcfg.prediction_type,
-                                            guidance_scale=tcfg.guidance_scale, dtype=dtype)
+    teacher = DiffusersTeacher.from_pretrained(path, prediction_type=tcfg.prediction_type,
+                                               guidance_scale=tcfg.guidance_scale, dtype=dtype,
+                                               sample_shape=_sample_shape(params, path))
+    return teacher.offload_frozen_parts() if offload else teacher
+
+
+def _sample_shape(params: dict, path: str) -> tuple[int, ...] | None:
+    """``teacher.params.sample_shape`` ([C, H, W]) or the latent shape of ``teacher.params.resolution``
+    pixels (read from the local folder's ``vae/config.json``: ``latent_channels`` and a downsampling of
+    ``2 ** (len(block_out_channels) - 1)``; a pixel-space folder: the denoiser's ``in_channels``, no
+    downsampling); None when neither is set (the denoiser config's own size)."""
+    shape, res = params.get("sample_shape"), params.get("resolution")
+    if shape is not None and res is not None:
+        raise ConfigError("give teacher.params.sample_shape or teacher.params.resolution, not both")
+    if shape is not None:
+        if (not isinstance(shape, (list, tuple)) or len(shape) != 3
+                or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in shape)):
+            raise ConfigError(f"teacher.params.sample_shape must be [C, H, W] (whole numbers >= 1), got {shape!r}")
+        return tuple(shape)
+    if res is None:
+        return None
+    if not isinstance(res, int) or isinstance(res, bool) or res < 1:
+        raise ConfigError(f"teacher.params.resolution must be a whole number of pixels >= 1, got {res!r}")
+    root = Path(path)
+    if not (root / "model_index.json").exists():
+        raise ConfigError(f"teacher.params.resolution needs a local pipeline folder (teacher.path={path!r}); "
+                          "give teacher.params.sample_shape [C, H, W] instead")
+    vae_cfg = root / "vae" / "config.json"
+    if vae_cfg.exists():
+        vae = json.loads(vae_cfg.read_text())
+        channels, factor = int(vae["latent_channels"]), 2 ** (len(vae["block_out_channels"]) - 1)
+    else:
+        net = next((root / n / "config.json" for n in ("unet", "transformer") if (root / n / "config.json").exists()),
+                   None)
+        if net is None:
+            raise ConfigError(f"{path}: no vae/, unet/ or transformer/ config to derive the latent shape of "
+                              "teacher.params.resolution from; give teacher.params.sample_shape [C, H, W]")
+        channels, factor = int(json.loads(net.read_text())["in_channels"]), 1
+    if res % factor:
+        raise ConfigError(f"teacher.params.resolution={res} is not a multiple of the VAE's downsampling "
+                          f"factor {factor}")
+    return (channels, res // factor, res // factor)
 
 
 AR_TEACHER_PARAMS = ("preset", "temperature", "top_k", "top_p")
@@ -333,12 +393,14 @@ def build_run(cfg: RunConfig):
     return teacher, build(cfg.algorithm.name, teacher, cfg.algorithm.params)
 
 
-def run_distillation(cfg: RunConfig, export: bool = True, eval_fn=None, eval_every_steps: int | None = None) -> dict:
+def run_distillation(cfg: RunConfig, export: bool = True, eval_fn=None, eval_every_steps: int | None = None,
+                     step_callback: Callable[[int, dict], None] | None = None) -> dict:
     """Build teacher + algorithm from ``cfg``, train under the generic trainer, export the student
     (on the main process) to ``train.output_dir/pipeline``.
 
     ``eval_fn(step, distiller) -> dict`` (optional) runs every ``eval_every_steps`` steps with the EMA
-    weights swapped in; its scalars are logged (e.g. FID during training).
+    weights swapped in; its scalars are logged (e.g. FID during training).  ``step_callback(steps_done,
+    logs)`` is the trainer's per-step hook (benchmarks time steps with it).
     """
     from .training import train
     from .training.distributed import launch_state
@@ -350,7 +412,7 @@ def run_distillation(cfg: RunConfig, export: bool = True, eval_fn=None, eval_eve
     result = train(distiller, source, cfg.train, run_config=to_dict(cfg),
                    sample_fn=lambda step: distiller.sample_images(n, torch.Generator().manual_seed(seed)),
                    eval_fn=(lambda step: eval_fn(step, distiller)) if eval_fn is not None else None,
-                   eval_every_steps=eval_every_steps)
+                   eval_every_steps=eval_every_steps, step_callback=step_callback)
     result = {**result, **distiller.run_info()}
     if export and distiller.exportable():
         out = Path(cfg.train.output_dir) / "pipeline"
