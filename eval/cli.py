@@ -311,7 +311,8 @@ def _add_t2i_commands(sub: argparse._SubParsersAction) -> None:
                                    "prompt accuracy, each with its std over the seeds.")
     p.add_argument("source", metavar="PIPE")
     p.add_argument("--prompts", default=None, help="prompt file, one per line (default: eval_1000.txt)")
-    p.add_argument("--reference", default=None, help="reference statistics .npz in the judge's features "
+    p.add_argument("--reference", default=None, help="reference statistics .npz in the judge's features, or "
+                                                     "'vae': the held-out digits through the pipeline's own VAE "
                                                      "(default: held-out coloured digits)")
     p.add_argument("--attr-judge", default=None, help="attribute judge folder (default: eval/weights/t2i-attr-v1)")
     p.add_argument("--clip-model", default=None, help="CLIP folder (default: eval/weights/t2i-clip-v1); 'none' skips")

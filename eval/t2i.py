@@ -9,8 +9,11 @@ standard deviation (``*_std``) beside it, plus the per-seed values.
 * ``FID-attr-N<n>``: Fréchet distance in the attribute judge's 64-d pre-ReLU features
   (:class:`stepdistill.eval.judges.AttributeDetector`) against a reference set -- by default the
   held-out coloured digits (``colored_mnist.load_split("heldout", variants=2)``, 1,000 images, which
-  nobody trains on), or any statistics ``.npz`` / image array (e.g. decoded teacher samples, for a
-  teacher-relative FID).
+  nobody trains on); ``reference="vae"``: the same digits through the pipeline's own VAE
+  (``FID-attr-vae``: the decoder blur every latent model of that VAE shares is in the reference too,
+  so the distance measures the latent model; see ``benchmarks/t2i_yardstick.py``); or any statistics
+  ``.npz`` / image array (e.g. decoded teacher samples, for a teacher-relative FID).
+  ``extra_references={"vae": "vae"}`` adds ``fid_vae`` beside ``fid`` from the same images.
 * ``clip_score``: 100 * cosine (torchmetrics scale, clipped at 0) under the separately trained CLIP
   judge (``eval/weights/t2i-clip-v1``) or any CLIP folder.
 * ``prompt_accuracy``: fraction of images whose digit, foreground and background colour (the judge's
@@ -167,20 +170,30 @@ def set_scheduler(pipe: Any, name: str | None, **overrides: Any) -> str:
 
 
 # ------------------------------------------------------------------------------------------ reference
-def reference_features(detector: Any, reference: Any = None) -> tuple[Any, dict[str, Any]]:
+def reference_features(detector: Any, reference: Any = None, vae: Any = None) -> tuple[Any, dict[str, Any]]:
     """Reference ``FeatureStats`` for FID and a description: ``None`` = held-out coloured digits
-    (1,000 images), a ``FeatureStats`` / statistics ``.npz``, or uint8 images (tensor / array)."""
+    (1,000 images); ``"vae"`` = the same digits after a round trip through ``vae`` (the evaluated
+    pipeline's own VAE: the reference every latent model of that VAE can reach, so the FID measures
+    the latent model rather than the shared decoder blur); a ``FeatureStats`` / statistics ``.npz``;
+    or uint8 images (tensor / array)."""
     from .fid import FeatureStats
 
-    if reference is None:
+    if reference is None or (isinstance(reference, str) and reference == "vae"):
         from stepdistill.data.colored_mnist import load_split
 
         from .judges import as_uint8
 
         ref = load_split("heldout", variants=2, seed=0)
-        x = as_uint8(ref.images)
+        if reference is None:
+            x = as_uint8(ref.images)
+            desc = "colored_mnist heldout, variants=2, seed=0"
+        else:
+            if vae is None:
+                raise EvalInputError("reference 'vae' needs a pipeline with a VAE (pipe.vae)")
+            x = vae_reconstruct(vae, ref.images.to(next(vae.parameters()).dtype))
+            desc = "colored_mnist heldout, variants=2, seed=0, through the pipeline's VAE"
         st = FeatureStats.from_features(detector.features(x), source="colored-mnist-heldout")
-        return st, {"reference": "colored_mnist heldout, variants=2, seed=0", "reference_n": int(x.shape[0])}
+        return st, {"reference": desc, "reference_n": int(x.shape[0])}
     if isinstance(reference, FeatureStats):
         return reference, {"reference": "statistics", "reference_n": reference.n}
     if isinstance(reference, (str, os.PathLike)):
@@ -194,8 +207,9 @@ def reference_features(detector: Any, reference: Any = None) -> tuple[Any, dict[
 
 
 def score_images(images: torch.Tensor, prompts: list[str], attrs: torch.Tensor | None, *, detector: Any,
-                 ref_stats: Any, clip: Any) -> dict[str, Any]:
-    """FID / CLIP / accuracy of one set of uint8 images generated for ``prompts``."""
+                 ref_stats: Any, clip: Any, extra_stats: dict[str, Any] | None = None) -> dict[str, Any]:
+    """FID / CLIP / accuracy of one set of uint8 images generated for ``prompts``; ``extra_stats``
+    (name -> reference ``FeatureStats``) adds ``fid_<name>`` against each further reference."""
     from .clip_score import clip_score
     from .fid import FeatureStats, frechet_distance
     from .judges import attribute_accuracy
@@ -203,6 +217,8 @@ def score_images(images: torch.Tensor, prompts: list[str], attrs: torch.Tensor |
     feats = detector.features(images)
     st = FeatureStats.from_features(feats)
     out: dict[str, Any] = {"fid": frechet_distance(st.mu, st.sigma, ref_stats.mu, ref_stats.sigma)}
+    for name, ref in (extra_stats or {}).items():
+        out[f"fid_{name}"] = frechet_distance(st.mu, st.sigma, ref.mu, ref.sigma)
     if clip is not None:
         c = clip_score(images, prompts, clip, batch_size=250)
         out["clip_score"] = c["clip_score"]
@@ -289,6 +305,7 @@ def evaluate_t2i(
     scheduler: str | None = None,
     scheduler_kwargs: dict | None = None,
     reference: Any = None,
+    extra_references: dict[str, Any] | None = None,
     attr_judge: Any = None,
     clip_model: Any = None,
     batch_size: int = 100,
@@ -326,7 +343,9 @@ def evaluate_t2i(
         det = attr_judge
     else:
         det = AttributeDetector.load(attr_judge, device=device)
-    ref_stats, ref_info = reference_features(det, reference)
+    vae = getattr(pipe, "vae", None)
+    ref_stats, ref_info = reference_features(det, reference, vae=vae)
+    extra_stats = {name: reference_features(det, r, vae=vae)[0] for name, r in (extra_references or {}).items()}
     clip, clip_id = _load_clip_judge(clip_model, device)
 
     images_by_seed = {}
@@ -336,12 +355,13 @@ def evaluate_t2i(
             raise EvalInputError(f"the pipeline returned {x.shape[1]}-channel images; the judges need RGB")
         if keep_images:
             images_by_seed[seed] = x
-        return score_images(x, used, used_attrs, detector=det, ref_stats=ref_stats, clip=clip)
+        return score_images(x, used, used_attrs, detector=det, ref_stats=ref_stats, clip=clip,
+                            extra_stats=extra_stats)
 
     per_seed = score_per_seed(pipe, used, seeds, score, batch_size=batch_size, guidance_scale=guidance_scale,
                               num_inference_steps=num_inference_steps, progress=progress, device=device)
     res: dict[str, Any] = {
-        "metric": f"{det.fid_name}-N{n}",
+        "metric": f"{det.fid_name}{'-vae' if isinstance(reference, str) and reference == 'vae' else ''}-N{n}",
         **summarize(per_seed),
         "n": n,
         "seeds": seeds,
@@ -356,6 +376,8 @@ def evaluate_t2i(
         "fid_detector_id": det.id,
         "clip_model": clip_id,
         **ref_info,
+        **({"extra_references": {k: (v if isinstance(v, str) else type(v).__name__)
+                                 for k, v in extra_references.items()}} if extra_references else {}),
         **tok_info,
     }
     if attrs is None:

@@ -110,7 +110,7 @@ class Scorer:
             from .eval.t2i import evaluate_t2i
 
             res = evaluate_t2i(str(folder), self.prompts, num_images=n, seeds=seeds, batch_size=self.batch_size,
-                               require_captions=self.require_captions, **call_kw)
+                               require_captions=self.require_captions, extra_references={"vae": "vae"}, **call_kw)
             return {k: v for k, v in res.items() if not k.startswith("_")}
         return _score_digits(folder, n, seeds, self.batch_size, **call_kw)
 

@@ -149,6 +149,33 @@ def test_evaluate_tiny_pipeline_per_seed_spread(tiny_pipe, tmp_path):
     assert "clip_score" not in again
 
 
+def test_vae_reference_is_the_heldout_set_through_the_pipelines_vae(tiny_pipe, tmp_path, det):
+    """reference='vae' scores against the held-out digits decoded by the pipeline's own VAE; the same
+    sampled images give the plain FID and ``fid_vae`` in one pass."""
+    from diffusers import StableDiffusionPipeline
+
+    from stepdistill.eval.t2i import vae_reconstruct
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_pipe)
+    st, info = reference_features(det, "vae", vae=pipe.vae)
+    plain, _ = reference_features(det, None)
+    ref = cm.load_split("heldout", variants=2, seed=0)
+    direct = np.asarray(det.features(vae_reconstruct(pipe.vae, ref.images)), np.float64).mean(0)
+    np.testing.assert_allclose(st.mu, direct, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(st.mu, plain.mu, atol=1e-3)  # a random VAE changes the reference
+    assert "through the pipeline's VAE" in info["reference"] and info["reference_n"] == 1000
+    with pytest.raises(EvalInputError, match="needs a pipeline with a VAE"):
+        reference_features(det, "vae")
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("".join(p["prompt"] + "\n" for p in cm.eval_prompts(4, seed=2)))
+    res = evaluate_t2i(tiny_pipe, prompts, num_images=4, seeds=(0,), num_inference_steps=1, scheduler="ddim",
+                       clip_model=False, extra_references={"vae": "vae"})
+    only = evaluate_t2i(tiny_pipe, prompts, num_images=4, seeds=(0,), num_inference_steps=1, scheduler="ddim",
+                        clip_model=False, reference="vae")
+    assert res["fid_vae"] == pytest.approx(only["fid"], rel=1e-6) and res["fid_vae"] != res["fid"]
+    assert only["metric"] == "FID-attr-vae-N4" and res["metric"] == "FID-attr-N4"
+
+
 def test_cli_t2i_json_and_bad_input(tiny_pipe, tmp_path, capsys):
     prompts = tmp_path / "p.txt"
     prompts.write_text("".join(p["prompt"] + "\n" for p in cm.eval_prompts(4, seed=1)))
