@@ -1,6 +1,7 @@
 """Routed one-step / few-step pipeline for multi-student distillation (MSD, Song et al., ICML 2025).
 
-K ``UNet2DModel`` students (they may differ in width, e.g. half-width students) each serve a
+K class-conditional students -- ``UNet2DModel`` s or DiTs (``Transformer2DModel`` /
+``DiTTransformer2DModel``); they may differ in width, e.g. half-width students -- each serve a
 disjoint group of classes; ``route[c]`` is the student for class ``c``.  Every image runs through
 exactly one student, so the cost per image is that of a single one-step student.
 
@@ -46,8 +47,10 @@ import torch
 from diffusers import (
     ConfigMixin,
     DiffusionPipeline,
+    DiTTransformer2DModel,
     ImagePipelineOutput,
     ModelMixin,
+    Transformer2DModel,
     UNet2DConditionModel,
     UNet2DModel,
 )
@@ -60,13 +63,21 @@ _SCHEDULER_TIMESTEPS_KEY = "_stepdistill_timesteps"
 _MODULE_FILE = "multi_student"  # name of this file in saved folders (root and students/)
 _PIPELINE_CLASS = "MultiStudentPipeline"
 _TEXT_PIPELINE_CLASS = "TextMultiStudentPipeline"
-_STUDENT_CLASSES = {"UNet2DModel": UNet2DModel, "UNet2DConditionModel": UNet2DConditionModel}
+_STUDENT_CLASSES = {
+    "UNet2DModel": UNet2DModel,
+    "UNet2DConditionModel": UNet2DConditionModel,
+    "Transformer2DModel": Transformer2DModel,
+    "DiTTransformer2DModel": DiTTransformer2DModel,
+}
+#: class-conditional DiTs: called with ``timestep=`` / ``class_labels=`` keywords (a
+#: ``Transformer2DModel`` reads a second positional argument as ``encoder_hidden_states``)
+_DIT_CLASSES = ("Transformer2DModel", "DiTTransformer2DModel")
 _BANK_CLASS = "StudentBank"
 _BANK_COMPONENT = "students"
 
 
 def _unet_config(unet) -> dict:
-    """A ``UNet2DModel`` config as a JSON-friendly dict without diffusers' private ``_`` keys."""
+    """A student network's config as a JSON-friendly dict without diffusers' private ``_`` keys."""
     out = {}
     for key, value in dict(unet.config).items():
         if key.startswith("_"):
@@ -76,11 +87,13 @@ def _unet_config(unet) -> dict:
 
 
 class StudentBank(ModelMixin, ConfigMixin):
-    r"""K ``UNet2DModel`` students in one diffusers model (one pipeline component, one weights file).
+    r"""K students in one diffusers model (one pipeline component, one weights file).
 
     Args:
-        student_configs: one ``UNet2DModel`` config (dict) per student; the students may differ in
+        student_configs: one network config (dict) per student; the students may differ in
             width/depth but share ``in_channels`` and ``sample_size``.
+        student_class: the students' diffusers class: ``UNet2DModel``, ``UNet2DConditionModel``,
+            ``Transformer2DModel`` or ``DiTTransformer2DModel`` (class-conditional DiT).
 
     ``bank(sample, timestep, k, class_labels=...)`` runs student ``k`` (going through the bank's own
     ``forward`` keeps ``enable_model_cpu_offload`` hooks working).
@@ -106,14 +119,14 @@ class StudentBank(ModelMixin, ConfigMixin):
 
     @classmethod
     def from_unets(cls, unets) -> StudentBank:
-        """Wrap existing ``UNet2DModel`` s (their modules are used as they are, not copied)."""
+        """Wrap existing student networks of one class (their modules are used as they are, not copied)."""
         unets = list(unets)
         kind = type(unets[0]).__name__ if unets else "UNet2DModel"
         for k, net in enumerate(unets):
             if type(net).__name__ != kind or kind not in _STUDENT_CLASSES:
                 raise TypeError(
                     f"student {k} is a {type(net).__name__}; a StudentBank holds students of one class, "
-                    f"UNet2DModel or UNet2DConditionModel"
+                    f"one of {', '.join(_STUDENT_CLASSES)}"
                 )
         with torch.device("meta"):  # build the config-only skeleton without allocating weights
             bank = cls(student_configs=[_unet_config(net) for net in unets], student_class=kind)
@@ -127,12 +140,18 @@ class StudentBank(ModelMixin, ConfigMixin):
     def forward(self, sample, timestep, student: int, class_labels=None, encoder_hidden_states=None,
                 return_dict: bool = False):
         net = self.students[int(student)]
+        if type(net).__name__ in _DIT_CLASSES:
+            t = torch.as_tensor(timestep, device=sample.device)
+            if t.ndim == 0:
+                t = t.expand(sample.shape[0])
+            out = net(sample, timestep=t, class_labels=class_labels, return_dict=False)[0]
+            return out if not return_dict else {"sample": out}
         if isinstance(net, UNet2DConditionModel):
             out = net(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
             return out if not return_dict else {"sample": out}
         if not net.config.get("num_class_embeds"):
             class_labels = None
-        out = net(sample, timestep, class_labels=class_labels, return_dict=False)[0]
+        out = net(sample, timestep=timestep, class_labels=class_labels, return_dict=False)[0]
         return out if not return_dict else {"sample": out}
 
 
@@ -229,8 +248,9 @@ class MultiStudentPipeline(DiffusionPipeline):
     r"""Pipeline for multi-student (MSD) one-/few-step students distilled by stepdistill.
 
     Components:
-        students ([`StudentBank`]): the K class-conditional ``UNet2DModel`` students; each may
-            predict epsilon, v or x0 (the scheduler's ``prediction_type``, shared by all).
+        students ([`StudentBank`]): the K class-conditional students (``UNet2DModel`` s or DiTs;
+            a DiT's learned-variance half is dropped); each may predict epsilon, v or x0 (the
+            scheduler's ``prediction_type``, shared by all).
         scheduler ([`LCMScheduler`]): the noise schedule and the boundary scalings.
         vae ([`AutoencoderKL`], optional): for latent-space students; x0 is decoded with
             ``vae.config.scaling_factor``.

@@ -92,17 +92,48 @@ class _StudentTeacher(DelegatingTeacher):
         self.student_net = student_net
 
     def trainable_copy(self):
+        # the Distiller put this wrapper (and so ``student_net``) in eval mode; a trainable copy is in
+        # train mode like every adapter's, with label dropout off (smaller_copy switched it off)
         net = copy.deepcopy(self.student_net)
         net.requires_grad_(True)
+        net.train()
         return net
 
 
+#: class-conditional DiT networks (diffusers' label embedder drops 10% of the labels in train mode)
+DIT_KINDS = ("Transformer2DModel", "DiTTransformer2DModel")
+
+
 def smaller_copy(teacher: DiffusionTeacher, width: float) -> DiffusionTeacher:
-    """A freshly initialised student network with channel counts scaled by ``width`` (the teacher
-    adapter's ``smaller_copy``; ``width == 1``: its ``trainable_copy``)."""
+    """A freshly initialised student network scaled by ``width`` (``width == 1``: the teacher's
+    ``trainable_copy``).  UNets: the adapter's ``smaller_copy`` (channel counts scaled).  DiTs
+    (``Transformer2DModel`` / ``DiTTransformer2DModel``, no ``block_out_channels``): the number of
+    attention heads scaled (head width kept), so the hidden width shrinks by ``width``.
+
+    Every result has diffusers' label dropout switched off (:func:`disable_label_dropout`): the
+    network is built fresh from its config and put in train mode, where a DiT's ``LabelEmbedding``
+    would replace 10% of the class labels by the null class while the real score it is matched to
+    stays conditional."""
+    from ..teachers.diffusion import disable_label_dropout
+
     if width == 1.0:
-        return teacher.trainable_copy()
-    return teacher.smaller_copy(width)
+        new = teacher.trainable_copy()
+    elif type(getattr(teacher, "model", None)).__name__ in DIT_KINDS:
+        cfg = dict(teacher.model.config)
+        heads = int(cfg["num_attention_heads"])
+        small_heads = max(1, int(round(heads * width)))
+        if small_heads >= heads:
+            raise ValueError(f"width_multiplier={width} leaves this DiT's {heads} attention heads unchanged; "
+                             f"use a smaller width (at most {(heads - 1) / heads:.3g})")
+        cfg["num_attention_heads"] = small_heads
+        small = type(teacher.model).from_config(cfg)
+        new = teacher.trainable_copy()  # same adapter (schedule, classes, shared VAE), then swap the network
+        new.model = small.float().train().to(teacher.sigmas.device)
+    else:
+        new = teacher.smaller_copy(width)
+    if isinstance(getattr(new, "model", None), nn.Module):
+        disable_label_dropout(new.model)
+    return new
 
 
 @register
