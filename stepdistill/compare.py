@@ -168,7 +168,7 @@ def _run_method(preset: str, name: str, teacher: CompareTeacher, out: Path, step
         if folder is None:
             return {}
         res = scorer(folder, seeds=[scorer.seeds[0]], num_images=curve_images)
-        point = {"step": int(step), "fid": res["fid"], "clip_score": res.get("clip_score"),
+        point = {"step": int(step), "fid": res["fid"], "fid_vae": res.get("fid_vae"), "clip_score": res.get("clip_score"),
                  "prompt_accuracy": res.get("prompt_accuracy"), "class_accuracy": res.get("class_accuracy")}
         with open(curve_file, "a") as f:
             f.write(json.dumps(point) + "\n")
@@ -191,6 +191,7 @@ def _run_method(preset: str, name: str, teacher: CompareTeacher, out: Path, step
         "benchmark": "compare", "teacher": teacher.name, "teacher_path": teacher.path, "method": name,
         "preset": preset, "algorithm": cfg.algorithm.name, "nfe": nfe,
         "fid": score["fid"], "fid_std": score.get("fid_std"), "fid_detector": score.get("fid_detector"),
+        "fid_vae": score.get("fid_vae"), "fid_vae_std": score.get("fid_vae_std"),
         "metric": score.get("metric"), "n_samples": score.get("n"), "seeds": score.get("seeds"),
         "clip_score": score.get("clip_score"), "clip_score_std": score.get("clip_score_std"),
         "prompt_accuracy": score.get("prompt_accuracy"), "prompt_accuracy_std": score.get("prompt_accuracy_std"),
@@ -220,6 +221,7 @@ def _teacher_row(teacher: CompareTeacher, out: Path, steps: int, guidance: float
     row = {"benchmark": "compare", "teacher": teacher.name, "teacher_path": teacher.path,
            "method": f"teacher-{steps}", "preset": None, "algorithm": "teacher", "nfe": steps * (2 if guidance and guidance != 1 else 1),
            "fid": score["fid"], "fid_std": score.get("fid_std"), "fid_detector": score.get("fid_detector"),
+           "fid_vae": score.get("fid_vae"), "fid_vae_std": score.get("fid_vae_std"),
            "metric": score.get("metric"), "n_samples": score.get("n"), "seeds": score.get("seeds"),
            "clip_score": score.get("clip_score"), "clip_score_std": score.get("clip_score_std"),
            "prompt_accuracy": score.get("prompt_accuracy"), "class_accuracy": score.get("class_accuracy"),
@@ -241,11 +243,14 @@ def _fmt(v, std=None, digits=3) -> str:
 
 
 def write_table(rows: list[dict], path: Path) -> str:
-    head = "| method | NFE | FID | CLIP | prompt acc. | class acc. | images/s | train steps | train s |"
-    lines = [head, "|---|---|---|---|---|---|---|---|---|"]
+    vae = any(r.get("fid_vae") is not None for r in rows)
+    head = ("| method | NFE | FID | " + ("FID (VAE ref.) | " if vae else "")
+            + "CLIP | prompt acc. | class acc. | images/s | train steps | train s |")
+    lines = [head, "|---" * (9 + vae) + "|"]
     for r in rows:
         lines.append(
             f"| {r['method']} | {r['nfe']} | {_fmt(r['fid'], r.get('fid_std'), 2)} | "
+            + (f"{_fmt(r.get('fid_vae'), r.get('fid_vae_std'), 2)} | " if vae else "") +
             f"{_fmt(r.get('clip_score'), r.get('clip_score_std'))} | {_fmt(r.get('prompt_accuracy'), r.get('prompt_accuracy_std'))} | "
             f"{_fmt(r.get('class_accuracy'), r.get('class_accuracy_std'))} | {_fmt(r.get('images_per_s'), None, 1)} | "
             f"{r['train_steps']} | {r['train_seconds']} |")
