@@ -133,14 +133,25 @@ class Distiller(TrainingTask, ABC):
         return isinstance(getattr(self.teacher, "model", None), nn.Module)
 
     def export(self, output_dir: str | Path, *, ema_state: dict | None = None, extra: dict | None = None,
-               overwrite: bool = False) -> Path | None:
-        """The one-step student as a diffusers pipeline folder (None when not :meth:`exportable`)."""
+               overwrite: bool = False, lora: str = "auto") -> Path | None:
+        """The one-step student as a diffusers pipeline folder (None when not :meth:`exportable`).
+
+        ``lora`` (``stepdistill export RUN --lora``): what a LoRA student (``generator_lora``) of a
+        text-to-image teacher is written as -- ``"auto"`` / ``"both"``: the fused stock pipeline and
+        ``pytorch_lora_weights.safetensors``; ``"adapter"``: the LoRA weights, scheduler and card
+        only; ``"fused"``: the full pipeline only (``docs/lora.md``).  ``"adapter"`` / ``"both"``
+        on a student without an adapter, or whose pipeline has no LoRA loader, raise
+        :class:`~stepdistill.export.common.ExportModeError` before anything is written."""
+        from ..export.common import check_lora_mode
+
+        check_lora_mode(lora)
         if not self.exportable():
             return None
         from ..export import export_generator
 
         return export_generator(self.generator_for_export(), self.teacher, Path(output_dir), algorithm=self.name,
-                                paper=self.paper, extra=extra, use_ema_state=ema_state, overwrite=overwrite)
+                                paper=self.paper, extra=extra, use_ema_state=ema_state, overwrite=overwrite,
+                                lora=lora)
 
     # -- helpers shared by algorithms ----------------------------------------------------------
     def conditions(self, batch: dict, n: int, device) -> Any:

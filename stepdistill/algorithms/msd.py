@@ -390,9 +390,13 @@ class MSD(Distiller):
     def export_groups(self) -> list[str]:
         return [f"s{k}.generator" for k in range(len(self.students))]
 
-    def export(self, output_dir, *, ema_state=None, extra=None, overwrite=False):
+    def export(self, output_dir, *, ema_state=None, extra=None, overwrite=False, lora="auto"):
         """One multi-student pipeline routing each class to its student (no EMA: MSD has no single
-        EMA group)."""
+        EMA group).  The multi-student pipelines have no LoRA loader: ``lora`` may be ``"auto"`` or
+        ``"fused"`` (LoRA students' adapters are folded into their weights)."""
+        from ..export.common import check_lora_mode
+
+        check_lora_mode(lora, has_lora_loader=False, what="an MSD run (a multi-student pipeline)")
         if not self.exportable():
             return None
         from ..export import export_multi_student

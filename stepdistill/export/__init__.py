@@ -101,16 +101,21 @@ from .common import (
     SCHEDULER_TIMESTEPS_KEY,
     SUPPORTED,
     ExportError,
+    ExportModeError,
     atomic_output_dir,
+    check_lora_mode,
     check_student,
     unwrap,
 )
 from .lora import check_lora_keys, fuse_lora_into_pipeline, load_lora
 from .multi_student import export_multi_student
-from .text_to_image import LORA_MODES, export_sd_student, export_text_student, text_family
+from .text_to_image import LORA_MODES, export_sd_student, export_text_student, text_family  # noqa: F401
 
 __all__ = [
     "ExportError",
+    "ExportModeError",
+    "LORA_MODES",
+    "check_lora_mode",
     "atomic_output_dir",
     "export_generator",
     "export_teacher_pipeline",
@@ -174,17 +179,12 @@ def export_generator(
     """
     denoiser = check_student(generator)
     out = Path(output_dir).expanduser().absolute()
-    if lora not in LORA_MODES:
-        raise ValueError(f"lora must be one of {LORA_MODES}, got {lora!r}")
+    check_lora_mode(lora)
     kwargs = dict(algorithm=algorithm, paper=paper, metrics=metrics, extra=extra, use_ema_state=use_ema_state,
                   overwrite=overwrite)
     if text_family(denoiser.model) is not None:
         return export_text_student(generator, teacher, out, teacher_name_=teacher_name, lora=lora, **kwargs)
-    if lora == "adapter":
-        raise ValueError(
-            f"lora='adapter': a {type(unwrap(denoiser.model)).__name__} student's pipeline has no LoRA loader; "
-            "use lora='auto' or 'fused' (the adapter is folded into the weights)"
-        )
+    check_lora_mode(lora, has_lora_loader=False, what=f"a {type(unwrap(denoiser.model)).__name__} student")
     if type(unwrap(denoiser.model)).__name__ in DIT_KINDS:
         return export_dit_student(generator, teacher, out, teacher_name=teacher_name, **kwargs)
     if stock_pipeline and stock_pipeline_reproduces(generator, teacher):

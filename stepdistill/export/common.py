@@ -50,6 +50,31 @@ class UnsupportedStudentError(ExportError, NotImplementedError):
     what is supported.  A ``NotImplementedError`` too, for callers that catch that."""
 
 
+class ExportModeError(ExportError, ValueError):
+    """The export kind asked for (``lora=``) does not exist for this student or value; the message
+    names the kinds that do.  A ``ValueError`` too, for callers that catch that."""
+
+
+#: ``lora=`` of every export: ``auto`` (a LoRA student: pipeline + adapter; others: the pipeline),
+#: ``both``, ``adapter`` (LoRA weights only), ``fused`` (the full pipeline only)
+LORA_MODES = ("auto", "both", "adapter", "fused")
+
+
+def check_lora_mode(lora, has_lora_loader: bool = True, what: str = "this student") -> str:
+    """``lora`` if it is one of :data:`LORA_MODES` and possible here; :class:`ExportModeError` naming
+    the choices otherwise.  ``has_lora_loader=False``: the pipeline written has no LoRA loader
+    (``UNet2DModel`` / DiT / multi-student pipelines), so only ``auto`` / ``fused`` exist (an
+    adapter is folded into the weights)."""
+    if lora not in LORA_MODES:
+        raise ExportModeError(f"lora must be one of {', '.join(LORA_MODES)}, got {lora!r}")
+    if not has_lora_loader and lora in ("adapter", "both"):
+        raise ExportModeError(
+            f"lora={lora!r}: {what} is written as a pipeline with no LoRA loader, so there is no LoRA-weights "
+            "form; use lora='auto' or 'fused' (a LoRA adapter is folded into the weights)"
+        )
+    return lora
+
+
 class OutputExistsError(ExportError, FileExistsError):
     """The output folder exists and may not be replaced (not empty without ``overwrite``, not a
     folder an export wrote, or a protected run / teacher folder); nothing was changed."""

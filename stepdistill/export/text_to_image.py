@@ -38,12 +38,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from .common import (
+    LORA_MODES,  # noqa: F401  (re-exported: text_to_image.LORA_MODES)
     SCHEDULER_CALL_KEY,
     SCHEDULER_TIMESTEPS_KEY,
     SUPPORTED,
-    ExportError,
+    ExportModeError,
     UnsupportedStudentError,
     atomic_output_dir,
+    check_lora_mode,
     flow_scheduler,
     flow_sigmas,
     fp32,
@@ -70,7 +72,6 @@ FAMILIES = {
             ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "vae"), ("text_encoder_3", "tokenizer_3")),
     "flux": ("FluxPipeline", "transformer", ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "vae"), ()),
 }
-LORA_MODES = ("auto", "both", "adapter", "fused")
 PROMPT = "a photo of a cat"
 
 
@@ -233,8 +234,7 @@ def export_text_student(generator, teacher, out: Path, *, algorithm: str, paper:
     encoders / VAE); ``"fused"`` only the full pipeline."""
     import diffusers
 
-    if lora not in LORA_MODES:
-        raise ValueError(f"lora must be one of {LORA_MODES}, got {lora!r}")
+    check_lora_mode(lora)
     den = generator.denoiser
     family = text_family(den.model)
     pipeline_name, component, _, _ = FAMILIES[family]
@@ -246,8 +246,9 @@ def export_text_student(generator, teacher, out: Path, *, algorithm: str, paper:
     scheduler.register_to_config(**{SCHEDULER_CALL_KEY: call})  # for tools that sample the folder (eval)
     embedded = bool(getattr(den, "embedded_guidance", False))
     adapter = has_adapters(unwrap(den.model))
-    if lora == "adapter" and not adapter:
-        raise ExportError("lora='adapter' needs a LoRA student (algorithm.params.generator_lora); this one has no adapter")
+    if lora in ("adapter", "both") and not adapter:
+        raise ExportModeError(f"lora={lora!r} needs a LoRA student (algorithm.params.generator_lora); this one has no "
+                              "adapter, so there are no LoRA weights to write (use lora='auto' or 'fused')")
     mode = ("both" if lora == "auto" else lora) if adapter else "fused"
     write_lora, write_pipeline = mode in ("both", "adapter"), mode in ("both", "fused")
     notes = _notes(family, scheduler, timesteps, call, embedded)
