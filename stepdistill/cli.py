@@ -19,6 +19,7 @@ EPILOG = textwrap.dedent(
       stepdistill sample runs/dmd2/pipeline --num-images 16 --output grid.png
       stepdistill export runs/dmd2 --output my-pipeline
       stepdistill eval fid runs/dmd2/pipeline digits --json
+      stepdistill plan sdxl/dmd2_4step --gpus 64 --gpu-memory 80GB  # memory per GPU, fits?, which lever
       stepdistill presets
 
     Overrides are dotted key=value pairs applied to the preset (YAML values), before or after options:
@@ -88,6 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .compare import add_parser as add_compare_parser
 
     add_compare_parser(sub)  # stepdistill compare TEACHER PRESET... --output DIR
+
+    from .plan import add_parser as add_plan_parser
+
+    add_plan_parser(sub)  # stepdistill plan CONFIG --gpus N --gpu-memory 80GB [--json]
 
     try:
         from .eval.cli import add_eval_subparsers
@@ -159,6 +164,10 @@ def _dispatch(parser, args) -> int:
         from .compare import run_from_args
 
         return run_from_args(args)
+    if args.command == "plan":
+        from .plan import run_from_args as run_plan
+
+        return run_plan(args)
     if args.command == "presets":
         for name in list_presets():
             print(name)
