@@ -24,10 +24,11 @@ Cases (teacher families as the package supports them):
 Per row: ``step_seconds`` (median wall time of the steps after the first, CUDA synchronised;
 ``first_step_seconds`` separately, it includes lazy initialisation and the regression / pair
 generation stages), ``peak_memory_bytes`` (CUDA: ``torch.cuda.max_memory_allocated`` over the whole
-case, reset before it; CPU: the process's peak RSS (Linux ``VmHWM``, reset through
-``/proc/self/clear_refs``) above its RSS at the case's start -- every case runs in this one process,
-so the CPU figure is indicative only), ``ok`` and, for a failed case, the error's last lines (the
-other cases still run; the exit status is 1 when any failed).
+case, reset before it, minus what was allocated when it started; CPU: the peak RSS (Linux
+``VmHWM``) above the RSS at the case's start, each case in a fresh process by default
+(``--no-isolate``: all in one, where the allocator's reuse of freed memory makes later cases read
+low)), ``ok`` and, for a failed case, the error's last lines (the other cases still run; the exit
+status is 1 when any failed).
 
 Rows go to ``benchmarks/results/gpu_smoke.json`` on CUDA and ``gpu_smoke_cpu.json`` on CPU
 (DESIGN.md section 8; ``--output`` elsewhere).  Reproduce with::
@@ -45,6 +46,7 @@ import json
 import os
 import shlex
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -278,7 +280,7 @@ class Memory:
         if self.device == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-            self.base = 0
+            self.base = torch.cuda.memory_allocated()  # what earlier cases left (0 in a fresh process)
         else:
             try:
                 with open("/proc/self/clear_refs", "w") as f:
@@ -291,7 +293,8 @@ class Memory:
         import torch
 
         if self.device == "cuda":
-            return {"peak_memory_bytes": int(torch.cuda.max_memory_allocated()),
+            return {"peak_memory_bytes": int(torch.cuda.max_memory_allocated() - self.base),
+                    "allocated_at_start_bytes": int(self.base),
                     "peak_reserved_bytes": int(torch.cuda.max_memory_reserved())}
         return {"peak_memory_bytes": max(0, _proc_kb("VmHWM") - self.base)}
 
@@ -363,7 +366,32 @@ def run_case(name: str, folder: Path, tmp: Path, args, mem: Memory) -> dict:
     return row
 
 
-def main() -> int:
+def one_case(name: str, args, tmp: Path, folders: dict[str, Path], mem: Memory) -> dict:
+    """The measured fields of one case; a failure becomes ``ok: false`` with the error."""
+    family = CASES[name][1]
+    try:
+        if family not in folders:
+            folders[family] = TEACHERS[family](tmp / "teachers")
+        return {"ok": True, "error": None, **run_case(name, folders[family], tmp, args, mem)}
+    except Exception as e:  # one broken case must not hide the others
+        return {"ok": False, "error": f"{type(e).__name__}: {e}"[-2000:],
+                "traceback": "".join(traceback.format_exc().splitlines(True)[-12:])}
+    finally:
+        gc.collect()
+
+
+def isolated_case(name: str, argv: list[str]) -> dict:
+    """Run one case in a fresh process (``--child``): its peak RSS is its own."""
+    cmd = [sys.executable, __file__, *argv, "--child", name]
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+    lines = [ln for ln in res.stdout.splitlines() if ln.startswith("{")]
+    if res.returncode != 0 or not lines:
+        return {"ok": False, "error": f"child process exited with {res.returncode}", "traceback": res.stderr[-3000:]}
+    return json.loads(lines[-1])
+
+
+def _cli(argv: list[str] | None = None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if _cuda() else "cpu")
     ap.add_argument("--steps", type=int, default=3, help="training steps per case (the first is timed apart)")
@@ -376,8 +404,16 @@ def main() -> int:
     ap.add_argument("--teacher-dtype", default=None, choices=["float32", "bfloat16", "float16"],
                     help="the frozen teacher's dtype (default: bfloat16 on CUDA, float32 on CPU)")
     ap.add_argument("--no-export", action="store_true", help="skip the export after training")
+    ap.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
+                    help="each case in a fresh process (default: on CPU, where peak RSS is per process; on CUDA "
+                         "the allocator's peak is reset per case and one process is used)")
     ap.add_argument("--output", default=None, help="results file (default: benchmarks/results/gpu_smoke[_cpu].json)")
-    args = ap.parse_args()
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    return ap.parse_args(argv)
+
+
+def main() -> int:
+    args = _cli()
     if args.device == "cuda" and not _cuda():
         raise SystemExit("--device cuda: torch.cuda.is_available() is False on this machine (use --device cpu)")
     if args.device == "cpu":
@@ -385,6 +421,12 @@ def main() -> int:
     cuda = args.device == "cuda"
     args.precision = args.precision or ("bf16" if cuda else "no")
     args.teacher_dtype = args.teacher_dtype or ("bfloat16" if cuda else "float32")
+    isolate = (not cuda) if args.isolate is None else args.isolate
+    if args.child:
+        with tempfile.TemporaryDirectory() as tmp_name:
+            os.environ["STEPDISTILL_CACHE"] = str(Path(tmp_name) / "cache")
+            print(json.dumps(one_case(args.child, args, Path(tmp_name), {}, Memory(args.device))))
+        return 0
     only = None if args.only is None else {ALIASES.get(a, a) for a in args.only}
     names = args.case or [n for n, c in CASES.items() if only is None or c[0] in only]
     unknown = sorted(set(only or ()) - {c[0] for c in CASES.values()})
@@ -400,7 +442,9 @@ def main() -> int:
             "device_name": torch.cuda.get_device_name(0) if cuda else "cpu", "torch": torch.__version__,
             "diffusers": diffusers.__version__, "mixed_precision": args.precision,
             "teacher_dtype": args.teacher_dtype, "steps": args.steps, "batch": args.batch,
-            "torch_threads": torch.get_num_threads()}
+            "isolated": isolate, "torch_threads": torch.get_num_threads()}
+    child_argv = ["--device", args.device, "--steps", str(args.steps), "--batch", str(args.batch), "--precision",
+                  args.precision, "--teacher-dtype", args.teacher_dtype] + (["--no-export"] if args.no_export else [])
     mem = Memory(args.device)
     rows = []
     with tempfile.TemporaryDirectory() as tmp_name:
@@ -409,15 +453,8 @@ def main() -> int:
         folders: dict[str, Path] = {}
         for name in names:
             algo, family = CASES[name][:2]
-            row = {**meta, "case": name, "algorithm": algo, "teacher": family}
-            try:
-                if family not in folders:
-                    folders[family] = TEACHERS[family](tmp / "teachers")
-                row.update(ok=True, error=None, **run_case(name, folders[family], tmp, args, mem))
-            except Exception as e:  # one broken case must not hide the others
-                row.update(ok=False, error=f"{type(e).__name__}: {e}"[-2000:],
-                           traceback="".join(traceback.format_exc().splitlines(True)[-12:]))
-            gc.collect()
+            res = isolated_case(name, child_argv) if isolate else one_case(name, args, tmp, folders, mem)
+            row = {**meta, "case": name, "algorithm": algo, "teacher": family, **res}
             rows.append(row)
             if row["ok"]:
                 step = row["step_seconds"] if row["step_seconds"] is not None else row["first_step_seconds"]
