@@ -411,8 +411,10 @@ class ARTeacher(nn.Module):
         """Load an ``ARImagePipeline`` folder; ``settings`` override its sampling defaults
         (``guidance_scale``, ``temperature``, ``top_k``, ``top_p``)."""
         from ..pipelines.ar_image import ARImagePipeline
+        from .llamagen import load_pipeline
 
-        pipe = ARImagePipeline.from_pretrained(str(folder))
+        # = ARImagePipeline.from_pretrained(folder); a LlamaGen GPT loads with the installed class
+        pipe = load_pipeline(ARImagePipeline, folder)
         cfg = pipe.config
         defaults = {
             "guidance_scale": cfg.guidance_scale,
