@@ -52,10 +52,11 @@ def export_ar_teacher_pipeline(
         **provenance(metrics, extra, snippet),
     }
     h, w = teacher.grid_size
+    lm = type(teacher.transformer).__name__  # LlamaForCausalLM, or LlamaGenGPT (transformer/llamagen_gpt.py)
     intro = [
         f"A class-conditional autoregressive image model: a diffusers `VQModel` tokenizer ({teacher.codebook_size} "
-        f"codes of dimension {teacher.embed_dim}, a {h}x{w} token grid in raster order) and a transformers "
-        f"`LlamaForCausalLM` over {teacher.codebook_size} codes + {teacher.num_classes} class tokens + a null "
+        f"codes of dimension {teacher.embed_dim}, a {h}x{w} token grid in raster order) and a causal LM "
+        f"`{lm}` over {teacher.codebook_size} codes + {teacher.num_classes} class tokens + a null "
         "class token (classifier-free guidance).",
         "",
         f"Default sampling: {teacher.settings()}. `ar_image.py` (in this folder) holds the pipeline class.",
