@@ -491,6 +491,19 @@ def test_checkpoint_files_and_teacher_folder(gpt_state, vq_state, teacher, tmp_p
     assert loaded.digest() == teacher.digest()
 
 
+def test_converter_command_line(gpt_state, vq_state, tmp_path, capsys):
+    from stepdistill.teachers.convert_llamagen import main
+
+    torch.save({"model": gpt_state}, tmp_path / "gpt.pt")
+    torch.save({"model": vq_state}, tmp_path / "vq.pt")
+    argv = ["--gpt", str(tmp_path / "gpt.pt"), "--vq", str(tmp_path / "vq.pt"), "--image-size", str(VQ_IMAGE)]
+    assert main([*argv, "--output", str(tmp_path / "bad")]) == 2  # GPT-L by default: the tiny model is not GPT-L
+    assert "GPT-L has 24 of 1024" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+    assert main([*argv, "--output", str(tmp_path / "ok"), "--num-heads", str(HEADS), "--top-k", "20"]) == 0
+    loaded = ARTeacher.from_pretrained(tmp_path / "ok")
+    assert loaded.settings() == {"guidance_scale": 2.0, "temperature": 1.0, "top_k": 20, "top_p": 1.0}
+
+
 # ---------------------------------------------------------------------------------------------
 # Distilled Decoding on a tiny LlamaGen teacher -> export -> plain diffusers
 
@@ -517,6 +530,7 @@ def test_dd_trains_on_a_llamagen_teacher_and_exports_for_plain_diffusers(teacher
     assert all(not p.requires_grad for p in teacher.parameters())
     folder = export_dd_pipeline(d.student, teacher, tmp_path / "dd", paper=d.paper, num_inference_steps=2)
     ar_folder = export_ar_teacher_pipeline(teacher, tmp_path / "ar")
+    assert "`LlamaGenGPT`" in (ar_folder / "README.md").read_text()  # the card names the LM it holds
     for f in (folder, ar_folder):
         assert json.loads((f / "model_index.json").read_text())["transformer"] == ["llamagen_gpt", "LlamaGenGPT"]
         assert folder_code_is_ours(f) == (True, [])  # stepdistill's eval runs it without an opt-in

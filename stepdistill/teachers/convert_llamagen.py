@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import sys
 from pathlib import Path
 
 import torch
@@ -396,6 +397,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vq", required=True, help="official VQ checkpoint (e.g. vq_ds16_c2i.pt)")
     p.add_argument("--output", required=True, help="folder to write (an ARImagePipeline)")
     p.add_argument("--gpt-model", default="GPT-L", choices=list(GPT_CONFIGS))
+    p.add_argument("--num-heads", type=int, default=None, help="attention heads of a GPT of another size (instead of --gpt-model)")
     p.add_argument("--image-size", type=int, default=256)
     p.add_argument("--key", default=None, help="checkpoint entry holding the GPT weights (default: model/module/state_dict)")
     p.add_argument("--guidance-scale", type=float, default=2.0)
@@ -404,11 +406,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--temperature", type=float, default=1.0)
     args = p.parse_args(argv)
     try:
-        convert_llamagen(args.gpt, args.vq, args.output, gpt_model=args.gpt_model, image_size=args.image_size,
+        gpt_model = None if args.num_heads else args.gpt_model
+        convert_llamagen(args.gpt, args.vq, args.output, gpt_model=gpt_model, num_heads=args.num_heads,
+                         image_size=args.image_size,
                          key=args.key, guidance_scale=args.guidance_scale, temperature=args.temperature,
                          top_k=args.top_k, top_p=args.top_p)
     except ConversionError as e:
-        print(f"error: {e}")
+        print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"LlamaGen teacher written to {args.output}")
     return 0
