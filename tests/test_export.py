@@ -520,3 +520,61 @@ def test_eval_samples_an_exported_student_with_its_recorded_call(tmp_path, monke
     list(iter_sample_pipeline(pipe, 2, batch_size=2, prompts=["a cat", "a dog"], progress=False,
                               guidance_scale=2.0, num_inference_steps=2))
     assert seen[-1]["guidance_scale"] == 2.0 and seen[-1]["num_inference_steps"] == 2 and "timesteps" not in seen[-1]
+
+
+def _user_lora(pipe, folder):
+    """A user's LoRA as diffusers' training scripts save it: UNet and text-encoder adapters (peft
+    injected into copies, so ``pipe`` stays plain)."""
+    import copy
+
+    import peft
+    from peft.utils import get_peft_model_state_dict
+
+    torch.manual_seed(0)
+    layers = {}
+    for part, targets in (("unet", ["to_k", "to_v"]), ("text_encoder", ["q_proj", "v_proj"])):
+        net = peft.inject_adapter_in_model(
+            peft.LoraConfig(r=2, lora_alpha=2, init_lora_weights=False, target_modules=targets),
+            copy.deepcopy(getattr(pipe, part)))
+        layers[f"{part}_lora_layers"] = get_peft_model_state_dict(net)
+    StableDiffusionPipeline.save_lora_weights(folder, safe_serialization=True, **layers)
+    return Path(folder) / "pytorch_lora_weights.safetensors"
+
+
+def test_lora_keys_check_text_encoder_layers_and_widths(tmp_path):
+    """A user's LoRA that also adapts the text encoder is accepted (its text_encoder.* keys are checked
+    against the text encoder, not refused for lacking the unet. prefix); a LoRA with the right layer
+    names but other widths (an SD 1.x LoRA on SD 2.x: cross-attention 768 vs 1024) is refused in one
+    line naming the layer and both widths, before diffusers fails on a size mismatch."""
+    from safetensors.torch import load_file, save_file
+
+    from stepdistill.export import check_lora_keys, load_lora
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_pipeline_folder(tmp_path / "sd"))
+    file = _user_lora(pipe, tmp_path / "user")
+    state = load_file(file)
+    assert any(k.startswith("text_encoder.") for k in state) and any(k.startswith("unet.") for k in state)
+    adapted = check_lora_keys(pipe, tmp_path / "user")
+    assert adapted and all(m.endswith(("to_k", "to_v")) for m in adapted)  # the denoiser's layers
+    load_lora(pipe, tmp_path / "user")  # and diffusers loads it
+    pipe.unload_lora_weights()
+
+    key = next(k for k in state if "attn2.to_k.lora_A" in k)  # cross-attention: reads the text width (32)
+    wide = dict(state, **{key: torch.zeros(state[key].shape[0], 768)})
+    (tmp_path / "wide").mkdir()
+    save_file(wide, str(tmp_path / "wide" / "pytorch_lora_weights.safetensors"))
+    with pytest.raises(ExportError) as err:
+        check_lora_keys(pipe, tmp_path / "wide")
+    msg = str(err.value)
+    assert "\n" not in msg and key in msg and "reads 768 features but the layer takes 32" in msg
+    assert "another model size" in msg
+    up = next(k for k in state if "lora_B" in k and k.startswith("text_encoder."))
+    (tmp_path / "up").mkdir()
+    save_file(dict(state, **{up: torch.zeros(7, state[up].shape[1])}), str(tmp_path / "up" / "pytorch_lora_weights.safetensors"))
+    with pytest.raises(ExportError, match="up matrix writes 7 features"):
+        check_lora_keys(pipe, tmp_path / "up")
+    bogus = dict(state, **{"vae.decoder.conv_in.lora_A.weight": torch.zeros(2, 4)})
+    (tmp_path / "vae").mkdir()
+    save_file(bogus, str(tmp_path / "vae" / "pytorch_lora_weights.safetensors"))
+    with pytest.raises(ExportError, match="lack the 'unet.' prefix"):
+        check_lora_keys(pipe, tmp_path / "vae")

@@ -108,37 +108,81 @@ def _module_of_key(key: str) -> str:
     return key.rsplit(".", 2)[0]
 
 
+#: pipeline components a diffusers LoRA file may adapt (``<component>.<layer>.lora_A.weight``)
+LORA_COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
+
+
+def _layer_dims(module: nn.Module) -> tuple[int, int]:
+    if isinstance(module, nn.Conv2d):
+        return module.in_channels, module.out_channels
+    return module.in_features, module.out_features
+
+
+def _shape_problem(key: str, shape: list[int], module: nn.Module) -> str | None:
+    """Why a LoRA tensor of ``shape`` cannot adapt ``module`` (its down matrix reads the layer's
+    input width, its up matrix writes the output width), or None."""
+    d_in, d_out = _layer_dims(module)
+    down = any(m in key for m in (".lora_A.", ".lora.down.", ".lora_down."))
+    up = any(m in key for m in (".lora_B.", ".lora.up.", ".lora_up."))
+    if down and len(shape) >= 2 and shape[1] != d_in:
+        return f"its down matrix reads {shape[1]} features but the layer takes {d_in}"
+    if up and len(shape) >= 1 and shape[0] != d_out:
+        return f"its up matrix writes {shape[0]} features but the layer gives {d_out}"
+    return None
+
+
 def check_lora_keys(pipe, source) -> list[str]:
     """Check that every key of the LoRA file ``source`` (a folder or a ``.safetensors`` file) names a
-    layer of ``pipe``'s UNet / transformer; returns the adapted module names.  A mismatch raises
-    :class:`ExportError` in one line naming what the pipeline expected."""
+    Linear / Conv2d layer of ``pipe``'s UNet / transformer (or of its text encoders, which users'
+    LoRAs may adapt too) with matching widths; returns the adapted denoiser module names.  A
+    mismatch raises :class:`ExportError` in one line naming what the pipeline expected."""
     from safetensors import safe_open
 
     path = _lora_file(source)
     with safe_open(str(path), framework="pt") as fh:
-        keys = list(fh.keys())
+        shapes = {k: list(fh.get_slice(k).get_shape()) for k in fh.keys()}
+    keys = list(shapes)
     name = "unet" if getattr(pipe, "unet", None) is not None else "transformer"
     net = getattr(pipe, name, None)
     if net is None:
         raise ExportError(f"{type(pipe).__name__} has neither a unet nor a transformer to load a LoRA into")
-    modules = {n for n, m in net.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
+    layers = {c: {n: m for n, m in getattr(pipe, c).named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
+              for c in LORA_COMPONENTS if isinstance(getattr(pipe, c, None), nn.Module)}
+    modules = layers[name]
     prefix = f"{name}."
     expected = f"'{prefix}<layer>.lora_A.weight' / '.lora_B.weight' keys naming Linear/Conv2d layers of its {type(net).__name__}"
-    wrong_prefix = [k for k in keys if not k.startswith(prefix)]
+    example = f"(e.g. {prefix}{min(modules)}.lora_A.weight)"
+    wrong_prefix = [k for k in keys if k.split(".", 1)[0] not in layers]
     if wrong_prefix:
         raise ExportError(
             f"{path.name} does not match {type(pipe).__name__}: {len(wrong_prefix)} of {len(keys)} keys lack the "
-            f"'{prefix}' prefix (e.g. {wrong_prefix[0]!r}); expected {expected} (e.g. {prefix}{min(modules)}.lora_A.weight)"
+            f"'{prefix}' prefix (e.g. {wrong_prefix[0]!r}); expected {expected} {example}"
         )
-    adapted = sorted({_module_of_key(k[len(prefix):]) for k in keys})
-    unknown = [m for m in adapted if m not in modules]
-    if unknown:
-        raise ExportError(
-            f"{path.name} does not match {type(pipe).__name__}: {len(unknown)} of {len(adapted)} adapted layers do not "
-            f"exist in its {type(net).__name__} (e.g. {unknown[0]!r}); expected {expected} "
-            f"(e.g. {prefix}{min(modules)}.lora_A.weight) - a LoRA for another model family or size?"
-        )
-    return adapted
+    adapted: dict[str, set[str]] = {}
+    for k in keys:
+        component, rest = k.split(".", 1)
+        adapted.setdefault(component, set()).add(_module_of_key(rest))
+    for component, mods in adapted.items():
+        have = layers[component]
+        unknown = sorted(m for m in mods if m not in have)
+        if unknown:
+            what = type(getattr(pipe, component)).__name__
+            raise ExportError(
+                f"{path.name} does not match {type(pipe).__name__}: {len(unknown)} of {len(mods)} adapted layers do not "
+                f"exist in its {what} (e.g. {unknown[0]!r}); expected {expected} {example} - a LoRA for another "
+                "model family or size?"
+            )
+    for k, shape in shapes.items():
+        component, rest = k.split(".", 1)
+        layer = _module_of_key(rest)
+        problem = _shape_problem(k, shape, layers[component][layer])
+        if problem:
+            d_in, d_out = _layer_dims(layers[component][layer])
+            raise ExportError(
+                f"{path.name} does not match {type(pipe).__name__}: {k} has shape {shape}, {problem} "
+                f"({component}.{layer} is {d_in} -> {d_out}); a LoRA for another model size (e.g. SD 1.x on SD 2.x)?"
+            )
+    return sorted(adapted.get(name, set()))
 
 
 def load_lora(pipe, source, adapter_name: str | None = None):
