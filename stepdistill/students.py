@@ -16,7 +16,13 @@ so the exported stock pipeline (``StableDiffusionPipeline`` + ``LCMScheduler``) 
 
 The LCM boundary scalings (``c_skip = 0.25 / ((10 t)^2 + 0.25)``) are ~1e-8 away from identity at
 the timesteps we use; they are applied anyway so that equality with the pipeline is exact, not
-approximate.
+approximate.  ``c_skip`` multiplies the network's own input (the adapter's ``input_scale``; VP
+teachers only -- a flow-matching generator has no boundary condition and ``"lcm"`` is refused).
+
+Which timesteps: :func:`stepdistill.algorithms.common.make_generator` lowers a requested timestep at
+which the teacher's x0 conversion is ill-posed (epsilon teachers near the end of the schedule) to
+the noisiest well-posed one, so that one preset (``[999]``) transfers across parametrisations and
+schedules (``docs/algorithms.md``, "Teachers of any parametrisation").
 """
 
 from __future__ import annotations
@@ -60,6 +66,11 @@ class Generator(nn.Module):
             raise InputError(f"algorithm.params.generator_timesteps must lie in [0, {n - 1}] (the teacher's training steps), got {timesteps}")
         if boundary not in ("lcm", "none"):
             raise InputError(f"boundary must be 'lcm' or 'none', got {boundary!r}")
+        if boundary == "lcm" and getattr(denoiser, "prediction_type", None) == "flow":
+            # LCMScheduler is a VP scheduler: its c_skip mixes the VP sample in; a flow student is
+            # exported with FlowMatchEulerDiscreteScheduler, which has no boundary condition
+            raise InputError("boundary='lcm' is the VP LCMScheduler's boundary condition; a flow-matching "
+                             "generator uses boundary='none' (its stock scheduler has none)")
         self.denoiser = denoiser
         self.timesteps = timesteps
         self.boundary = boundary
@@ -93,9 +104,15 @@ class Generator(nn.Module):
             t = torch.tensor([self.denoiser.timestep_value(int(i)) for i in index], dtype=torch.float32,
                              device=x.device)
             c_skip, c_out = lcm_boundary_scalings(t)
-            native = x / append_dims((1 + sigma.to(x.dtype) ** 2).sqrt(), x.ndim)  # VP model input
+            native = x * append_dims(self._input_scale(sigma.to(x.dtype)), x.ndim)  # the network's input
             x0 = append_dims(c_out, x.ndim) * x0 + append_dims(c_skip, x.ndim) * native
         return x0
+
+    def _input_scale(self, sigma: Tensor) -> Tensor:
+        """Scale from the VE sample to the network's input (the sample LCMScheduler's c_skip mixes
+        in): the adapter's own ``input_scale`` (VP: ``1 / sqrt(1 + sigma^2)``), VP when it has none."""
+        scale = getattr(self.denoiser, "input_scale", None)
+        return scale(sigma) if callable(scale) else 1 / (1 + sigma**2).sqrt()
 
     def renoise(self, x0: Tensor, step: int, noise: Tensor) -> Tensor:
         """Fresh-noise re-noising to the ``step``-th timestep (LCM multi-step sampling)."""

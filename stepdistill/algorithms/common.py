@@ -173,19 +173,77 @@ def _share_frozen_weights(net: nn.Module, teacher_net: nn.Module) -> None:
                 mod._parameters[key] = q
 
 
-def make_generator(teacher: DiffusionTeacher, timesteps: list[int], min_abar: float = 1e-3,
+#: the largest factor by which the teacher's x0 conversion may amplify an error of the network's
+#: output at the generator's conditioning timestep: ``sqrt((1 - abar) / abar)`` at ``abar = 1e-3``
+#: (the former refusal threshold; SD 1.5 at t = 999, where DMD2 trains, has 14.6)
+MAX_X0_GAIN = math.sqrt((1 - 1e-3) / 1e-3)
+
+
+def x0_gain(teacher: DiffusionTeacher, sigma: Tensor | float) -> Tensor:
+    """``|d x0 / d output|``: how much the teacher's conversion amplifies an error of the network's
+    output at noise level ``sigma`` -- epsilon ``sqrt(1-abar)/sqrt(abar) = sigma``, v-prediction
+    ``sqrt(1-abar) < 1``, sample ``1``, flow ``t = sigma/(1+sigma) < 1``; networks that are not
+    diffusers adapters (analytic / EDM teachers, which predict x0 through their own preconditioning)
+    count as ``1``."""
+    sigma = torch.as_tensor(sigma, dtype=torch.float64)
+    pt = getattr(teacher, "prediction_type", None)
+    if pt == "epsilon":
+        return sigma.float()
+    if pt == "v_prediction":
+        return (sigma / (1 + sigma**2).sqrt()).float()
+    if pt == "flow":
+        return (sigma / (1 + sigma)).float()
+    return torch.ones_like(sigma).float()
+
+
+def well_posed_timestep(teacher: DiffusionTeacher, max_gain: float = MAX_X0_GAIN) -> int | None:
+    """The noisiest training timestep index whose x0 conversion gain is at most ``max_gain`` (None when
+    none is)."""
+    ok = (x0_gain(teacher, teacher.sigmas.detach().cpu()) <= max_gain).nonzero()
+    return int(ok.max()) if ok.numel() else None
+
+
+def make_generator(teacher: DiffusionTeacher, timesteps: list[int], min_abar: float | None = None,
                    lora: dict | GeneratorLoRA | None = None) -> Generator:
     """A student initialised from the teacher, evaluated at ``timesteps`` (descending).
 
-    For epsilon-prediction VP teachers, x0 = (x - sqrt(1-abar) eps) / sqrt(abar) multiplies the
-    network's error by 1/sqrt(abar); at t = 999 of a cosine schedule abar ~ 2.4e-9 (a factor of
-    ~20 000), which makes one-step training diverge.  We refuse such timesteps with a clear error.
-    v-prediction and sample-prediction are well-posed at every t.
+    Conditioning timesteps are chosen by noise level, so that one preset transfers across teachers
+    (issue #14): a requested timestep at which the teacher's x0 conversion amplifies the network's
+    output errors by more than :data:`MAX_X0_GAIN` (:func:`x0_gain`) is lowered to the noisiest
+    timestep where it does not (:func:`well_posed_timestep`), and a note says so.  Only epsilon
+    teachers are affected: x0 = (x - sqrt(1-abar) eps) / sqrt(abar) multiplies the network's error by
+    ``sigma`` -- at t = 999 of a cosine schedule ~20 000, of DDPM's linear one 157 -- and one-step
+    training diverges there (it used to be refused).  v-prediction, sample and flow conversions have a
+    gain <= 1 at every t and keep ``[999]``.  The student still starts from pure noise (unit noise as
+    the network input, as DMD2 does at SDXL's 399) and the exported scheduler carries the effective
+    timesteps.  Lowering that collapses two timesteps is refused (:class:`GeneratorTimestepError`).
+
+    ``min_abar`` (epsilon wording of the bound): ``MAX_X0_GAIN = sqrt((1 - min_abar) / min_abar)``.
 
     ``lora`` (``algorithm.params.generator_lora``): the student is a LoRA adapter on the teacher's
     network (:func:`add_generator_lora`; only the adapter trains).
     """
     spec = lora if isinstance(lora, GeneratorLoRA) or lora is None else parse_generator_lora(lora)
+    max_gain = MAX_X0_GAIN if min_abar is None else math.sqrt((1 - min_abar) / min_abar)
+    timesteps = [int(t) for t in timesteps]
+    n = teacher.num_train_timesteps
+    if timesteps and all(0 <= t < n for t in timesteps):
+        gains = x0_gain(teacher, teacher.sigmas.detach().cpu()[timesteps])
+        if bool((gains > max_gain).any()):
+            ok = well_posed_timestep(teacher, max_gain)
+            lowered = [min(t, ok) for t in timesteps] if ok is not None else None
+            if lowered is None or len(set(lowered)) < len(lowered):
+                raise GeneratorTimestepError(
+                    f"generator timesteps {timesteps}: the teacher's {getattr(teacher, 'prediction_type', '')} "
+                    f"x0 conversion amplifies errors by up to {float(gains.max()):.0f}x (limit {max_gain:.1f}); the "
+                    f"noisiest well-posed timestep is {ok}, and lowering to it would repeat a timestep. Use "
+                    f"algorithm.params.generator_timesteps with a first entry <= {ok} and distinct later ones."
+                )
+            print(f"[stepdistill] generator timesteps {timesteps} -> {lowered}: the "
+                  f"{getattr(teacher, 'prediction_type', '')} teacher's x0 conversion amplifies output errors by "
+                  f"{float(gains.max()):.0f}x at {timesteps[0]}; {ok} is the noisiest timestep with gain <= "
+                  f"{max_gain:.1f} (alpha_bar {float(1 / (1 + teacher.sigmas[ok] ** 2)):.1e})", flush=True)
+            timesteps = lowered
     copy = teacher.trainable_copy()
     if spec is not None:
         if not isinstance(getattr(copy, "model", None), nn.Module):
@@ -195,17 +253,6 @@ def make_generator(teacher: DiffusionTeacher, timesteps: list[int], min_abar: fl
             )
         add_generator_lora(copy, spec, share_with=getattr(teacher, "model", None))
     pt = getattr(teacher, "prediction_type", None)
-    if pt == "epsilon":
-        sig = teacher.sigmas[timesteps[0]]
-        abar = float(1 / (1 + sig**2))
-        if abar < min_abar:
-            ok = int((teacher.sigmas <= math.sqrt((1 - min_abar) / min_abar)).nonzero().max())
-            raise GeneratorTimestepError(
-                f"generator timestep {timesteps[0]} has alpha_bar={abar:.2e} for this epsilon-prediction teacher: "
-                f"converting eps to x0 amplifies errors by {1 / math.sqrt(abar):.0f}x and training diverges. "
-                f"Use algorithm.params.generator_timesteps=[{ok}] or lower (alpha_bar >= {min_abar}), "
-                "or a v-prediction teacher."
-            )
     boundary = "lcm" if hasattr(teacher, "alphas_cumprod") and pt in ("epsilon", "v_prediction", "sample") else "none"
     return Generator(copy, timesteps, boundary=boundary)
 
