@@ -168,7 +168,7 @@ def _run(cmd: list[str], env: dict) -> None:
         # the first exception line a rank printed (the launcher's own ChildFailedError comes last)
         pat = re.compile(r"^(\[rank\d+\]: )?[\w.]*(Error|Exception)\b.*:")
         at = next((i for i, ln in enumerate(lines) if pat.match(ln) and "ChildFailedError" not in ln), len(lines) - 1)
-        raise RunFailed(lines[at].strip()[:1000], "\n".join(lines[max(0, at - 24):at + 4]))
+        raise RunFailed(lines[at].strip()[:1000], lines[max(0, at - 24):at + 4])
 
 
 def compare(algo: str, tmp: Path, walls: dict) -> dict:
@@ -256,7 +256,7 @@ def main() -> int:
                       f"(target <= 0.55), step time {row['step_time_ratio']:.2f}x, weights equal: "
                       f"{row['weights_equal']} (max |diff| {row['max_abs_weight_diff']:.2e})", flush=True)
             except RunFailed as e:
-                row.update(ok=False, error=e.args[0], traceback=e.args[1])
+                row.update(ok=False, error=e.args[0], traceback_lines=e.args[1])  # a list: not a table column
                 print(f"{algo}: FAILED {e.args[0]}", flush=True)
             rows.append(row)
     out = Path(args.output)
