@@ -25,8 +25,10 @@ checkpoints give the official logits, tested to 1e-5 in ``tests/test_llamagen.py
   ``cos = sin = 0``, i.e. its query and key are **zero** (it is attended to with score 0 and only
   its value is used).  The table is recomputed in float32 on the fly (never a weight, never cast
   with the model, as LlamaGen keeps it a plain float32 attribute);
-* KV cache: ``past_key_values`` is a tuple of per-layer ``(k, v)`` (B, kv_heads, T, head_dim);
-  a call continues the sequence at position ``T``.
+* KV cache: :class:`LlamaGenKVCache`, per-layer key / value buffers pre-allocated for the whole
+  sequence and filled in place (LlamaGen's static ``KVCache``; no per-step re-allocation), passed
+  back as ``past_key_values``; a call continues the sequence at the cache's ``length``.  Like
+  transformers' ``DynamicCache`` it is updated in place: a cache continues one sequence.
 
 Vocabulary (one input table, so that the model reads like a transformers causal LM to
 ``stepdistill.pipelines.ar_image.ar_generate`` and to Distilled Decoding's student)::
@@ -55,7 +57,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
 from torch import nn
 
-__all__ = ["LlamaGenGPT", "LlamaGenGPTOutput", "rope_2d_table", "apply_rope", "COMPONENT_MODULE"]
+__all__ = ["LlamaGenGPT", "LlamaGenGPTOutput", "LlamaGenKVCache", "rope_2d_table", "apply_rope", "COMPONENT_MODULE"]
 
 #: the file name (without ``.py``) this module is written to beside exported weights; what diffusers
 #: records as the component's "library" in ``model_index.json``
@@ -129,17 +131,15 @@ class Attention(nn.Module):
         self.attn_dropout = float(attn_dropout)
         self.resid_dropout = nn.Dropout(resid_dropout)
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor, past=None):
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, cache=None, layer: int = 0):
         b, length, dim = x.shape
         kv = self.num_kv_heads * self.head_dim
         q, k, v = self.qkv_proj(x).split([dim, kv, kv], dim=-1)
         q = apply_rope(q.view(b, length, self.num_heads, self.head_dim), rope).transpose(1, 2)
         k = apply_rope(k.view(b, length, self.num_kv_heads, self.head_dim), rope).transpose(1, 2)
         v = v.view(b, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        if past is not None:
-            k = torch.cat([past[0], k], 2)
-            v = torch.cat([past[1], v], 2)
-        present = (k, v)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)
         rep = self.num_heads // self.num_kv_heads
         keys, values = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         total = keys.shape[2]
@@ -153,7 +153,7 @@ class Attention(nn.Module):
             dropout_p=self.attn_dropout if self.training else 0.0,
         )
         out = out.transpose(1, 2).reshape(b, length, dim)
-        return self.resid_dropout(self.o_proj(out)), present
+        return self.resid_dropout(self.o_proj(out))
 
 
 class Block(nn.Module):
@@ -164,10 +164,39 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(dim, eps)  # LlamaGen ffn_norm
         self.mlp = SwiGLU(dim, hidden, ffn_dropout)
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor, past=None):
-        a, present = self.self_attn(self.input_layernorm(x), rope, past)
-        h = x + a
-        return h + self.mlp(self.post_attention_layernorm(h)), present
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, cache=None, layer: int = 0):
+        h = x + self.self_attn(self.input_layernorm(x), rope, cache, layer)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class LlamaGenKVCache:
+    """Per-layer key / value buffers (B, kv_heads, max_positions, head_dim), allocated at the first
+    write and filled in place; ``length`` = positions held (set by :class:`LlamaGenGPT` after all
+    layers have written a chunk)."""
+
+    def __init__(self, max_positions: int):
+        self.max_positions = int(max_positions)
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        self.length = 0
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Write the chunk ``k``, ``v`` (B, kv_heads, L, head_dim) at ``length``; return the keys and
+        values of all positions so far (views of the buffers)."""
+        if layer == len(self.keys):
+            shape = (k.shape[0], k.shape[1], self.max_positions, k.shape[3])
+            self.keys.append(k.new_zeros(shape))
+            self.values.append(v.new_zeros(shape))
+        buf_k, buf_v = self.keys[layer], self.values[layer]
+        if buf_k.shape[0] != k.shape[0]:
+            raise ValueError(f"the cache holds a batch of {buf_k.shape[0]}, got {k.shape[0]}")
+        end = self.length + k.shape[2]
+        buf_k[:, :, self.length : end] = k
+        buf_v[:, :, self.length : end] = v
+        return buf_k[:, :, :end], buf_v[:, :, :end]
 
 
 @dataclass
@@ -175,7 +204,7 @@ class LlamaGenGPTOutput(BaseOutput):
     """``logits`` (B, L, codebook_size) float32; ``past_key_values`` (with ``use_cache``)."""
 
     logits: torch.Tensor
-    past_key_values: tuple | None = None
+    past_key_values: LlamaGenKVCache | None = None
 
 
 class LlamaGenGPT(ModelMixin, ConfigMixin):
@@ -314,7 +343,7 @@ class LlamaGenGPT(ModelMixin, ConfigMixin):
         self,
         input_ids: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
-        past_key_values: tuple | None = None,
+        past_key_values: LlamaGenKVCache | None = None,
         use_cache: bool | None = None,
         class_dropout: bool = False,
         return_dict: bool = True,
@@ -324,7 +353,12 @@ class LlamaGenGPT(ModelMixin, ConfigMixin):
         ``inputs_embeds`` (B, L, D)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
-        start = 0 if not past_key_values else int(past_key_values[0][0].shape[2])
+        cache = past_key_values
+        if cache is not None and not isinstance(cache, LlamaGenKVCache):
+            raise TypeError(f"past_key_values must be the LlamaGenKVCache a previous call returned, got {type(cache).__name__}")
+        if cache is None and use_cache:
+            cache = LlamaGenKVCache(self.max_positions)
+        start = 0 if cache is None else cache.length
         if input_ids is not None:
             if class_dropout and self.training and start == 0:
                 input_ids = torch.cat([self.drop_classes(input_ids[:, :1]), input_ids[:, 1:]], 1)
@@ -337,12 +371,12 @@ class LlamaGenGPT(ModelMixin, ConfigMixin):
             )
         rope = self.rope_table(inputs_embeds.device)[start : start + length]
         h = self.token_dropout(inputs_embeds)
-        presents = []
         for i, layer in enumerate(self.layers):
-            h, present = layer(h, rope, past_key_values[i] if past_key_values else None)
-            presents.append(present)
+            h = layer(h, rope, cache, i)
+        if cache is not None:
+            cache.length = start + length
         logits = self.lm_head(self.norm(h)).float()
-        cache = tuple(presents) if use_cache else None
+        cache = cache if use_cache or past_key_values is not None else None
         if not return_dict:
             return (logits, cache)
         return LlamaGenGPTOutput(logits=logits, past_key_values=cache)

@@ -197,7 +197,7 @@ def official_gpt_state(seed=0, std=0.3, with_buffers=True) -> dict[str, torch.Te
 
     head_dim = D // HEADS
     sd = {"tok_embeddings.weight": r(V, D, s=1.0), "cls_embedding.embedding_table.weight": r(C + 1, D, s=1.0),
-          "norm.weight": 1 + r(D, s=0.1), "output.weight": r(V, D)}
+          "norm.weight": 1 + r(D, s=0.1), "output.weight": r(V, D, s=0.1)}  # logits O(1)
     for i in range(LAYERS):
         p = f"layers.{i}."
         sd[p + "attention.wqkv.weight"] = r((HEADS + 2 * KV_HEADS) * head_dim, D)
@@ -373,6 +373,23 @@ def test_kv_cached_sampling_equals_uncached_and_llamagens_loop(gpt_state, teache
     for i in range(GRID * GRID):
         uncached = teacher.logits(greedy[:, :i], labels)
         torch.testing.assert_close(seen[i], uncached, atol=1e-5, rtol=1e-5)
+
+
+def test_kv_cache_chunks_equal_one_pass(teacher):
+    gpt = teacher.transformer
+    ids = torch.randint(0, V, (2, GRID * GRID), generator=torch.Generator().manual_seed(5))
+    ids = torch.cat([torch.tensor([[V + 2], [V + C]]), ids], 1)
+    full = gpt(input_ids=ids).logits
+    out = gpt(input_ids=ids[:, :5], use_cache=True)
+    cache = out.past_key_values
+    parts = [out.logits]
+    for a, b in [(5, 6), (6, 11), (11, 1 + GRID * GRID)]:  # one token, then chunks (a causal mask inside)
+        out = gpt(input_ids=ids[:, a:b], past_key_values=cache, use_cache=True)
+        assert out.past_key_values is cache and cache.get_seq_length() == b  # filled in place
+        parts.append(out.logits)
+    torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="exceed"):
+        gpt(input_ids=ids[:, :1], past_key_values=cache, use_cache=True)
 
 
 def test_cfg_and_top_k_behaviour(gpt_state, teacher):
