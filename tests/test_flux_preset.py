@@ -34,7 +34,7 @@ def test_flux_preset_states_the_plan():
     assert cfg.teacher.guidance_scale == 3.5 and cfg.algorithm.params["real_guidance_scale"] == 3.5
     assert cfg.train.sharding == "fsdp2" and cfg.train.mixed_precision == "bf16"
     assert cfg.algorithm.params["generator_lora"]["rank"] == 64
-    for words in ("H100", "Memory plan", "FID-10k", "guidance embedding"):
+    for words in ("H200", "H100", "Memory plan", "FID-10k", "guidance embedding"):
         assert words in cfg.description
 
 
