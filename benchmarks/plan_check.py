@@ -187,11 +187,15 @@ def main() -> None:
                   f" MiB (default malloc {m['peak_rss_bytes'] / 2**20:7.1f})  ratio {ratio:.2f}"
                   f"{'' if row['within_25pct'] else ' (miss)'} / {ratio_default:.2f}"
                   f"{'' if row['within_25pct_default_malloc'] else ' (miss)'}", flush=True)
+            _write(rows)  # after every row: a long run keeps what it measured
+    print(f"wrote {RESULTS}")
+
+
+def _write(rows: list) -> None:
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     tmpf = RESULTS.with_suffix(".json.tmp")
     tmpf.write_text(json.dumps(rows, indent=2) + "\n")
     os.replace(tmpf, RESULTS)
-    print(f"wrote {RESULTS}")
 
 
 def plan_batch(name: str) -> int:

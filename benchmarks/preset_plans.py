@@ -8,7 +8,7 @@ nothing is downloaded or loaded).  The stated hardware is transcribed from each 
 
 Reproduce with::
 
-    OMP_NUM_THREADS=1 python benchmarks/preset_plans.py
+    OMP_NUM_THREADS=1 python benchmarks/preset_plans.py [--fast]   # --fast: no lever search
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ HARDWARE = {
     "sd3/dmd2": (8, "80GB", "8-16x A100/H100-80GB (planned at 8)"),
     "imagenet/msd_dit": (32, "80GB", "4x8 A100-80GB"),
     "llamagen/dd": (8, "80GB", "8x A800-80GB"),
-    "flux/dmd2_lora": (8, "80GB", "8x H100-80GB"),
+    "flux/dmd2_lora": (8, "141GB", "8x H200-141GB"),
 }
 
 
@@ -46,10 +46,11 @@ def summary(row: dict) -> str:
 
 
 def main() -> None:
+    args_fast = "--fast" in sys.argv  # no lever search (one estimate per preset)
     from stepdistill.config import list_presets
     from stepdistill.plan import plan_config
 
-    meta = {"benchmark": "preset_plans", "command": "OMP_NUM_THREADS=1 python benchmarks/preset_plans.py",
+    meta = {"benchmark": "preset_plans", "command": "OMP_NUM_THREADS=1 python benchmarks/preset_plans.py" + (" --fast" if args_fast else ""),
             "commit": git_commit(dirty_paths=("stepdistill/plan.py", "stepdistill/architectures.py", "configs")),
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     rows = []
@@ -58,7 +59,7 @@ def main() -> None:
         if preset not in available:
             print(f"{preset}: not bundled, skipped", file=sys.stderr)
             continue
-        p = plan_config(preset, gpus=gpus, gpu_memory=mem)
+        p = plan_config(preset, gpus=gpus, gpu_memory=mem, suggest=not args_fast)
         row = {**meta, "preset": preset, "hardware": hw, "gpus": gpus, "gpu_memory": mem, "sharding": p.sharding,
                "teacher": p.teacher, "total_per_gpu_gb": round(p.total / 1e9, 2), "usable_gb": round(p.budget / 1e9, 2),
                "fits": p.fits, "peak_phase": p.peak_phase,

@@ -406,12 +406,14 @@ def measure_activations(arch: TeacherArch, net: nn.Module, batch: int, *, input_
     counted: they are weights.  Attention is counted as a fused kernel saves it."""
     params = {id(p) for p in net.parameters()}
     stack: list[dict] = [{}]
+    keep: list = []  # every counted tensor stays referenced, so no id() is reused within a measurement
     state = {"recompute": 0, "bottleneck": ()}
 
     def key(t):
         return id(t._base if t._base is not None else t)
 
     def pack(t):
+        keep.append(t)
         if key(t) not in params and id(t) not in params:
             base = t._base if t._base is not None else t
             stack[-1][key(t)] = base.numel() * base.element_size()
@@ -422,6 +424,7 @@ def measure_activations(arch: TeacherArch, net: nn.Module, batch: int, *, input_
         k = kw.pop("key", k)
         v = kw.pop("value", v)
         out = q.narrow(-1, 0, 1).mul(0).expand(*q.shape[:-1], v.shape[-1])
+        keep.extend((q, k, v, out))
         if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
             d = stack[-1]
             for x in (q, k, v):
@@ -433,6 +436,7 @@ def measure_activations(arch: TeacherArch, net: nn.Module, batch: int, *, input_
     def checkpointed(fn, *args, **kwargs):
         for a in args:
             if isinstance(a, torch.Tensor):
+                keep.append(a)
                 stack[-1][key(a)] = a.numel() * a.element_size()
         stack.append({})
         try:
