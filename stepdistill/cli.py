@@ -82,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="pipeline output folder")
     p.add_argument("--checkpoint", default="latest", help="checkpoint folder or 'latest'")
     p.add_argument("--no-ema", action="store_true", help="export raw weights even if an EMA exists")
+    p.add_argument("--lora", choices=["adapter", "fused", "both"], default="auto",
+                   help="LoRA students: only the LoRA weights (adapter), only the fused pipeline (fused), or both "
+                        "(the default for a LoRA student)")
     p.add_argument("--overwrite", action="store_true")
 
     sub.add_parser("presets", help="list the bundled YAML presets")
@@ -212,7 +215,7 @@ def _dispatch(parser, args) -> int:
         from .run import export_run
 
         out = export_run(args.run, args.output, checkpoint=args.checkpoint, use_ema=not args.no_ema,
-                         overwrite=args.overwrite)
+                         overwrite=args.overwrite, lora=args.lora)
         print(f"pipeline written to {out}")
         return 0
     if args.command == "demo":

@@ -84,7 +84,7 @@ def _analytic_teacher(tcfg: TeacherConfig):
 
 #: ``teacher.params`` keys of the diffusers-folder kinds (``diffusers``, ``digits``): how the folder is
 #: loaded, not what it is (``preset``: the embedded digits teacher's preset)
-DIFFUSERS_TEACHER_PARAMS = ("preset", "offload_frozen", "sample_shape", "resolution")
+DIFFUSERS_TEACHER_PARAMS = ("preset", "offload_frozen", "sample_shape", "resolution", "guidance_embeds")
 
 
 def _diffusers_teacher(tcfg: TeacherConfig):
@@ -94,7 +94,8 @@ def _diffusers_teacher(tcfg: TeacherConfig):
     ``teacher.params``: ``sample_shape: [C, H, W]`` (the denoised latent / pixel shape; default: the
     denoiser config's) or ``resolution`` (pixels, square; the latent shape from the folder's VAE
     config), and ``offload_frozen: true`` (:meth:`DiffusersTeacher.offload_frozen_parts`: the frozen
-    text encoder(s) and VAE stay in host memory while the denoisers sit on the accelerator)."""
+    text encoder(s) and VAE stay in host memory while the denoisers sit on the accelerator), and
+    ``guidance_embeds: true | false`` (FLUX: the checkpoint must / must not be guidance-distilled)."""
     from .teachers.diffusion import DiffusersTeacher
 
     params = dict(tcfg.params or {})
@@ -117,7 +118,33 @@ def _diffusers_teacher(tcfg: TeacherConfig):
     teacher = DiffusersTeacher.from_pretrained(path, prediction_type=tcfg.prediction_type,
                                                guidance_scale=tcfg.guidance_scale, dtype=dtype,
                                                sample_shape=_sample_shape(params, path))
+    _check_guidance_embeds(params.get("guidance_embeds"), teacher, path)
     return teacher.offload_frozen_parts() if offload else teacher
+
+
+def _check_guidance_embeds(want, teacher, path: str) -> None:
+    """``teacher.params.guidance_embeds``: a FLUX preset's expectation of the checkpoint.  ``true``
+    (FLUX.1-dev presets): the guidance is a network input; a checkpoint without the embedding
+    (FLUX.1-schnell) would otherwise load and run true CFG at the preset's scale.  ``false``: the
+    opposite.  A one-line :class:`TeacherLoadError` names what was expected."""
+    if want is None:
+        return
+    if not isinstance(want, bool):
+        raise ConfigError(f"teacher.params.guidance_embeds must be true or false, got {want!r}")
+    from .teachers.diffusion import TeacherLoadError
+    from .teachers.flow_transformers import FLUX_GUIDANCE_PREFIX, FluxTeacher
+
+    has = bool(getattr(teacher, "embedded_guidance", False)) if isinstance(teacher, FluxTeacher) else None
+    if has is None:
+        raise ConfigError(f"teacher.params.guidance_embeds applies to FLUX teachers; {path} holds a "
+                          f"{type(teacher.model).__name__}")
+    if has != want:
+        expected = ("a guidance-distilled FLUX checkpoint (FLUX.1-dev style: transformer/config.json "
+                    f"guidance_embeds=true and {FLUX_GUIDANCE_PREFIX}* weights)" if want else
+                    "a FLUX checkpoint without a guidance embedding (FLUX.1-schnell style)")
+        found = "has a guidance embedding" if has else "has no guidance embedding"
+        raise TeacherLoadError(f"{path}: teacher.params.guidance_embeds={str(want).lower()} expects {expected}, "
+                               f"but this one {found}; point teacher.path at the matching checkpoint")
 
 
 def _sample_shape(params: dict, path: str) -> tuple[int, ...] | None:
@@ -448,13 +475,17 @@ def load_run(run_dir: str | Path, checkpoint: str = "latest"):
 
 
 def export_run(run_dir: str | Path, output: str | Path, checkpoint: str = "latest", use_ema: bool = True,
-               overwrite: bool = False) -> Path:
+               overwrite: bool = False, lora: str = "auto") -> Path:
     """Export a training run (its ``config.yaml`` + a checkpoint) as the pipeline its algorithm
     writes: the groups ``distiller.export_groups()`` names are loaded (EMA weights for the EMA group
-    when saved and ``use_ema``), then ``distiller.export(output)``."""
-    from .export.common import check_output_dir, protected_folders
+    when saved and ``use_ema``), then ``distiller.export(output, lora=lora)`` (``lora``: ``auto`` |
+    ``both`` | ``adapter`` | ``fused``, see ``docs/lora.md``)."""
+    import inspect
+
+    from .export.common import ExportModeError, check_lora_mode, check_output_dir, protected_folders
     from .training import load_checkpoint_weights
 
+    check_lora_mode(lora)  # an unknown mode fails before the (slow) teacher load
     run_dir = Path(run_dir)
     teacher_dir = _teacher_folder(run_dir)
     guard = ((run_dir, False, "the run folder"), (teacher_dir, True, "the teacher folder"))
@@ -466,9 +497,14 @@ def export_run(run_dir: str | Path, output: str | Path, checkpoint: str = "lates
     for group in distiller.export_groups():
         ema = use_ema and group == ema_group and (ckpt / f"{group}_ema.safetensors").exists()
         groups[group].load_state_dict(load_checkpoint_weights(ckpt, group, ema=ema))
+    kw = {}
+    if lora != "auto":
+        if "lora" not in inspect.signature(distiller.export).parameters:
+            raise ExportModeError(f"lora={lora!r}: a {cfg.algorithm.name} run's export has no LoRA form; leave --lora out")
+        kw["lora"] = lora
     with protected_folders(*guard):
         out = distiller.export(Path(output), extra={"config": to_dict(cfg), "checkpoint": str(ckpt)},
-                               overwrite=overwrite)
+                               overwrite=overwrite, **kw)
     if out is None:
         raise ConfigError(f"the run {run_dir} has nothing to export (teacher.kind={cfg.teacher.kind} has no "
                           "pipeline form)")
