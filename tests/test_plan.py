@@ -226,3 +226,21 @@ def test_paper_presets_plan_without_weights(preset, no_weights):
         pytest.skip(f"{preset} is not bundled")
     plan = plan_config(preset, gpus=8, gpu_memory="80GB", suggest=False)
     assert plan.total > 1e9 and plan.teacher.startswith("recorded architecture")
+
+
+def test_paper_preset_headers_carry_their_recorded_plan():
+    """Each paper preset's header comment holds the summary benchmarks/preset_plans.py recorded."""
+    from pathlib import Path
+
+    from stepdistill.config import preset_path
+
+    results = Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "preset_plans.json"
+    rows = json.loads(results.read_text())
+    assert rows
+    for row in rows:
+        text = preset_path(row["preset"]).read_text()
+        assert f"# {row['summary']}" in text, row["preset"]
+        assert row["fits"], f"{row['preset']} does not fit its stated hardware: {row['summary']}"
+        from stepdistill.config import load_config
+
+        load_config(row["preset"])  # still loads
