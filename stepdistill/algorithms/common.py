@@ -221,7 +221,9 @@ def make_generator(teacher: DiffusionTeacher, timesteps: list[int], min_abar: fl
     ``min_abar`` (epsilon wording of the bound): ``MAX_X0_GAIN = sqrt((1 - min_abar) / min_abar)``.
 
     ``lora`` (``algorithm.params.generator_lora``): the student is a LoRA adapter on the teacher's
-    network (:func:`add_generator_lora`; only the adapter trains).
+    network (:func:`add_generator_lora`; only the adapter trains).  Its frozen base is cast to the
+    teacher's dtype and then *is* the teacher's tensors (one copy of the network in memory, bf16
+    teachers included; the student computes in that dtype, as the teacher does); the adapter is float32.
     """
     spec = lora if isinstance(lora, GeneratorLoRA) or lora is None else parse_generator_lora(lora)
     max_gain = MAX_X0_GAIN if min_abar is None else math.sqrt((1 - min_abar) / min_abar)
@@ -251,7 +253,17 @@ def make_generator(teacher: DiffusionTeacher, timesteps: list[int], min_abar: fl
                 f"algorithm.params.generator_lora needs a diffusers teacher network to adapt; "
                 f"{type(teacher).__name__} has none"
             )
-        add_generator_lora(copy, spec, share_with=getattr(teacher, "model", None))
+        base = getattr(teacher, "model", None)
+        first = next(base.parameters(), None) if isinstance(base, nn.Module) else None
+        if first is not None:
+            # the frozen base in the teacher's dtype, so that it *is* the teacher's tensors (a bf16
+            # teacher's fp32 copy would stay: 48 GB for FLUX); the adapter trains in float32, as
+            # DMD2's critic_lora does
+            copy.model.to(first.dtype)
+        add_generator_lora(copy, spec, share_with=base)
+        for name, p in copy.model.named_parameters():
+            if "lora_" in name and p.dtype != torch.float32:
+                p.data = p.data.float()
     pt = getattr(teacher, "prediction_type", None)
     boundary = "lcm" if hasattr(teacher, "alphas_cumprod") and pt in ("epsilon", "v_prediction", "sample") else "none"
     return Generator(copy, timesteps, boundary=boundary)

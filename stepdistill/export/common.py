@@ -283,11 +283,13 @@ def prepare_network(net: nn.Module, use_ema_state: dict | None = None, what: str
     )
     if not needs_copy:
         return net
-    net = copy.deepcopy(net)
+    # float32 before folding: a LoRA student's frozen base is the teacher's bf16 tensors, and folding
+    # the fp32 adapter into bf16 weights would round the student's delta away
+    net = copy.deepcopy(net).float()
     if use_ema_state is not None:
         load_ema_state(net, use_ema_state, what, prefixes, optional)
     fold_adapters(net)
-    return net.float()
+    return net
 
 
 def student_network(generator, use_ema_state: dict | None) -> nn.Module:
