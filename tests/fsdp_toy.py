@@ -1,7 +1,7 @@
 """A small two-group task for the FSDP2 tests and benchmarks/fsdp_cpu.py: a block-structured
-generator (like a UNet's down/mid/up blocks) and critic on the analytic ring teacher; the generator
-phase back-propagates through the critic with its ``requires_grad`` off (DMD2's
-``no_grad_outside_phase``)."""
+generator (like a UNet's down/mid/up blocks; ``net="stack"``: a transformer-like stack of many small
+blocks) and critic on the analytic ring teacher; the generator phase back-propagates through the
+critic with its ``requires_grad`` off (DMD2's ``no_grad_outside_phase``)."""
 
 from __future__ import annotations
 
@@ -33,18 +33,38 @@ class Blocks(nn.Module):
         return self.conv_out(h)
 
 
+class Stack(nn.Module):
+    """A transformer-like stack: an input projection, ``depth`` small repeated blocks in one
+    ``ModuleList`` (each below 1/16 of the parameters, as each of FLUX's 57 and SD3's 24 transformer
+    blocks is), a norm and an output head."""
+
+    def __init__(self, out: int = 2, width: int = 32, depth: int = 24):
+        super().__init__()
+        self.proj_in = nn.Linear(2, width)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(width, width), nn.SiLU()) for _ in range(depth))
+        self.norm = nn.LayerNorm(width)
+        self.proj_out = nn.Linear(width, out)
+
+    def forward(self, x):
+        h = self.proj_in(x)
+        for b in self.blocks:
+            h = h + b(h)
+        return self.proj_out(self.norm(h))
+
+
 class FSDPToy(Distiller):
     name = "fsdp_toy"
     paper = "-"
     Config = dict
 
-    def __init__(self, width: int = 64):
+    def __init__(self, width: int = 64, net: str = "blocks"):
         torch.manual_seed(0)
         gmm = GaussianMixtureTeacher.ring()
         super().__init__(MLPDenoiser(gmm, hidden=16), {})
         self.gmm = gmm
-        self.generator = Blocks(2, width)
-        self.critic = Blocks(1, width)
+        cls = {"blocks": Blocks, "stack": Stack}[net]  # stack: many small blocks in a ModuleList
+        self.generator = cls(2, width)
+        self.critic = cls(1, width)
         self.generator_calls = 0
 
     def trainable(self):

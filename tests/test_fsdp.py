@@ -240,3 +240,145 @@ def test_shard_group_policy_wraps_blocks(monkeypatch):
         assert {"down_blocks.1", "up_blocks.0", "up_blocks.1", "mid_block"} <= set(names), names  # down_blocks.0 < 1/16
     finally:
         dist.destroy_process_group()
+
+
+def _one_rank_mesh(monkeypatch):
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        pytest.skip("a process group exists already")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh("cpu", (1,))
+
+
+def _gathered_blocks(blocks) -> list[int]:
+    """Forward pre-hooks counting, when each block starts, how many blocks hold unsharded
+    (all-gathered) parameters -- the transient memory FSDP2 adds in forward."""
+    from torch.distributed.tensor import DTensor
+
+    counts: list[int] = []
+
+    def hook(module, args):
+        counts.append(sum(not isinstance(next(b.parameters()), DTensor) for b in blocks))
+
+    for b in blocks:
+        b.register_forward_pre_hook(hook)
+    return counts
+
+
+def test_shard_group_makes_every_block_of_a_stack_a_unit(monkeypatch):
+    """A ModuleList of many small blocks (each < 1/16 of the group: FLUX's 57 and SD3's 24 transformer
+    blocks) is sharded block by block, so forward gathers one block at a time, not the whole stack
+    with the root; other modules keep the 1/16 rule; the sharded forward / backward is unchanged."""
+    import copy
+
+    import torch.distributed as dist
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+
+    from stepdistill.training.sharded import fsdp_units, shard_group
+
+    toy = _toy()
+    mesh = _one_rank_mesh(monkeypatch)
+    try:
+        torch.manual_seed(0)
+        ref = toy.Stack(depth=24)
+        m = copy.deepcopy(ref)
+        names = shard_group(m, mesh)
+        assert names == [f"blocks.{i}" for i in range(24)], names  # norm, proj_in / proj_out: with the root
+        counts = _gathered_blocks(m.blocks)
+        x = torch.randn(8, 2, generator=torch.Generator().manual_seed(1))
+        out, want = m(x), ref(x)
+        torch.testing.assert_close(out, want)
+        assert len(counts) == 24 and max(counts) <= 2, counts  # the root gathered all 24 before
+        out.square().mean().backward()
+        want.square().mean().backward()
+        for (n, p), q in zip(m.named_parameters(), ref.parameters()):
+            torch.testing.assert_close(p.grad.full_tensor(), q.grad, msg=n)
+
+        # a ModuleDict's named parts keep the size rule; a part holding > 1/2 is split into its units
+        group = torch.nn.ModuleDict({"score": toy.Stack(depth=24), "head": torch.nn.Linear(32, 1)})
+        assert [n for n, _ in fsdp_units(group)] == [f"score.blocks.{i}" for i in range(24)]
+
+        # diffusers transformers: every transformer block a unit
+        flux = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=2, num_single_layers=20,
+                                      attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                      pooled_projection_dim=32, axes_dims_rope=[4, 4, 8], guidance_embeds=True)
+        names = shard_group(flux, mesh)
+        assert names == [f"transformer_blocks.{i}" for i in range(2)] + \
+            [f"single_transformer_blocks.{i}" for i in range(20)], names
+        sd3 = SD3Transformer2DModel(sample_size=8, patch_size=1, in_channels=4, num_layers=24, attention_head_dim=8,
+                                    num_attention_heads=4, caption_projection_dim=32, joint_attention_dim=80,
+                                    pooled_projection_dim=56, out_channels=4)
+        ref3 = copy.deepcopy(sd3).eval()
+        names = shard_group(sd3.eval(), mesh)
+        assert names == [f"transformer_blocks.{i}" for i in range(24)], names
+        counts = _gathered_blocks(sd3.transformer_blocks)
+        kw = dict(hidden_states=torch.randn(1, 4, 8, 8), encoder_hidden_states=torch.randn(1, 5, 80),
+                  pooled_projections=torch.randn(1, 56), timestep=torch.tensor([500.0]), return_dict=False)
+        with torch.no_grad():
+            torch.testing.assert_close(sd3(**kw)[0], ref3(**kw)[0])
+        assert len(counts) == 24 and max(counts) <= 2, counts
+    finally:
+        dist.destroy_process_group()
+
+
+STACK_SCRIPT = r"""
+import importlib.util, json, sys
+import torch
+from safetensors.torch import save_file
+spec = importlib.util.spec_from_file_location("fsdp_toy", sys.argv[1])
+toy = importlib.util.module_from_spec(spec); spec.loader.exec_module(toy)
+from stepdistill.data.sources import ConditionSource
+from stepdistill.training.sharded import ShardedTrainer, is_sharded, local_param_bytes
+
+torch.set_num_threads(1)
+out = sys.argv[2]
+d = toy.FSDPToy(width=32, net="stack")
+holder = {}
+def cb(done, logs):
+    if "units" not in holder:
+        holder["units"] = [sum(is_sharded(b) for b in m.blocks) for m in (d.generator, d.critic)]
+        holder["params"] = local_param_bytes([d.generator, d.critic])
+t = ShardedTrainer(d, ConditionSource(d.gmm, seed=0), toy.make_cfg(out, max_steps=2, sharding="fsdp2"), step_callback=cb)
+res = t.run()
+r = res["accelerator"].process_index
+state = {f"generator.{k}": v for k, v in d.generator.state_dict().items()}
+state.update({f"critic.{k}": v for k, v in d.critic.state_dict().items()})
+save_file({k: v.contiguous() for k, v in state.items()}, f"{out}/rank{r}.safetensors")
+json.dump(holder, open(f"{out}/rank{r}.json", "w"))
+"""
+
+
+@pytest.mark.skipif(shutil.which("accelerate") is None, reason="accelerate CLI not on PATH")
+def test_fsdp2_stack_of_small_blocks_matches_one_process(tmp_path):
+    """Two processes, every block of both groups' 24-block stacks an FSDP2 unit: the same weights as
+    one replicated process with 2 micro-batches, about half the parameter bytes per rank."""
+    from safetensors.torch import load_file
+
+    from stepdistill.data.sources import ConditionSource
+    from stepdistill.training import train
+
+    _launch(tmp_path, STACK_SCRIPT, [TOY, tmp_path / "two"])
+    toy = _toy()
+    n_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        d = toy.FSDPToy(width=32, net="stack")
+        train(d, ConditionSource(d.gmm, seed=0), toy.make_cfg(tmp_path / "one", max_steps=2, grad_accum_steps=2))
+    finally:
+        torch.set_num_threads(n_threads)
+    full = sum(p.numel() * 4 for m in (d.generator, d.critic) for p in m.parameters())
+    for r in (0, 1):
+        info = json.loads((tmp_path / "two" / f"rank{r}.json").read_text())
+        assert info["units"] == [24, 24], info
+        assert info["params"] <= 0.55 * full, (info, full)
+    w = load_file(str(tmp_path / "two" / "rank0.safetensors"))
+    ref = {f"generator.{k}": v for k, v in d.generator.state_dict().items()}
+    ref.update({f"critic.{k}": v for k, v in d.critic.state_dict().items()})
+    assert ref.keys() == w.keys()
+    for k in ref:
+        torch.testing.assert_close(w[k], ref[k], rtol=1e-5, atol=1e-6, msg=f"{k}: FSDP2 x 2 != 1 process x 2")

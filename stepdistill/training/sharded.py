@@ -10,9 +10,10 @@ accelerate's FSDP plugin options are not used.
 
 What is sharded, and how (:func:`shard_group`):
 
-* each trainable group separately, on a 1-D mesh over all processes: its blocks, found top-down as
-  the submodules holding at least 1/16 of the group's parameters (UNet down/up/mid blocks,
-  transformer blocks; :func:`shard_group`), then the group's root (the remaining parameters);
+* each trainable group separately, on a 1-D mesh over all processes: its units, found top-down
+  (:func:`fsdp_units`) -- every block of a ``ModuleList`` stack holding at least 1/16 of the group
+  (each transformer block of SD3 / FLUX, UNet down / up blocks), and other submodules holding at
+  least 1/16 (a UNet's mid block) -- then the group's root (the remaining parameters);
 * groups whose module holds frozen parameters of the teacher (LoRA generator / critic sharing the
   teacher's base weights) stay replicated (they are small) and are reported;
 * the frozen teacher, text encoders and VAE are not sharded: they stay replicated (in bf16/fp16
@@ -71,7 +72,7 @@ logger = logging.getLogger("stepdistill.training")
 
 SHARDED_DIR = "sharded"
 
-__all__ = ["SHARDING_KINDS", "ShardedTrainer", "sharding_request", "shard_group", "local_param_bytes",
+__all__ = ["SHARDING_KINDS", "ShardedTrainer", "sharding_request", "fsdp_units", "shard_group", "local_param_bytes",
            "full_state_dict", "is_sharded"]
 
 
@@ -85,36 +86,49 @@ def _own_numel(module: nn.Module, covered: set[int]) -> int:
     return sum(p.numel() for p in module.parameters() if id(p) not in covered)
 
 
-def shard_group(module: nn.Module, mesh: Any, min_params: int | None = None) -> list[str]:
-    """``fully_shard`` the blocks of ``module``, then the root; returns the sharded block names.
+def fsdp_units(module: nn.Module, min_params: int | None = None) -> list[tuple[str, nn.Module]]:
+    """The submodules :func:`shard_group` makes FSDP2 units, top-down, as ``(name, module)``.
 
-    Top-down: a submodule with at least ``min_params`` parameters (default ``total // 16``) is a
-    unit (UNet down/mid/up blocks, transformer blocks) unless it holds more than half of the group,
-    then its children are tried instead; containers without a forward (``ModuleList`` /
-    ``ModuleDict``) are never units (FSDP2 gathers in forward hooks), only their children."""
-    from torch.distributed.fsdp import fully_shard
+    * **Stacks of repeated blocks**: every parameter-holding child of an ``nn.ModuleList`` that holds
+      at least ``min_params`` parameters (default ``total // 16``) is a unit, whatever its own size --
+      transformer blocks (FLUX's 19 + 38, each ~1/80 of the transformer; SD3's 24, ~1/25), UNet
+      down / up blocks.  The network runs them one after another, so one block's parameters are
+      gathered at a time (what torchtitan and accelerate's transformer-based wrap policy do).
+    * **Other submodules** with at least ``min_params`` parameters (a UNet's ``mid_block``, an
+      embedding or head that large).
+    * A candidate holding more than half of the group is split: its children are tried instead.
+    * Containers without a forward (``ModuleList`` / ``ModuleDict``) are never units themselves (FSDP2
+      gathers in forward hooks), only their children; a ``ModuleDict``'s children follow the size rule
+      (they are named parts, not repeated blocks).
 
+    What no unit holds (``conv_in``, time / text embeddings, norms, output head) stays with the root.
+    """
     total = sum(p.numel() for p in module.parameters())
     threshold = max(total // 16, 1) if min_params is None else int(min_params)
     chosen: list[tuple[str, nn.Module]] = []
 
-    def visit(prefix: str, m: nn.Module) -> None:
+    def visit(prefix: str, m: nn.Module, stack: bool) -> None:
         for child_name, child in m.named_children():
             name = f"{prefix}{child_name}"
             n = sum(p.numel() for p in child.parameters())
-            if n < threshold:
+            if n == 0 or (n < threshold and not stack):
                 continue
-            container = isinstance(child, (nn.ModuleList, nn.ModuleDict))
-            if container or (n > total // 2 and any(True for _ in child.children())):
-                visit(f"{name}.", child)
-                if container:
-                    continue
-                if sum(p.numel() for p in child.parameters(recurse=False)) == 0:
-                    continue
+            if isinstance(child, (nn.ModuleList, nn.ModuleDict)):
+                visit(f"{name}.", child, stack=isinstance(child, nn.ModuleList))
+            elif n > total // 2 and any(True for _ in child.children()):
+                visit(f"{name}.", child, stack=False)
             else:
                 chosen.append((name, child))
 
-    visit("", module)
+    visit("", module, stack=False)
+    return chosen
+
+
+def shard_group(module: nn.Module, mesh: Any, min_params: int | None = None) -> list[str]:
+    """``fully_shard`` the units of ``module`` (:func:`fsdp_units`), then the root; returns the unit names."""
+    from torch.distributed.fsdp import fully_shard
+
+    chosen = fsdp_units(module, min_params)
     for _, m in chosen:
         fully_shard(m, mesh=mesh)
     fully_shard(module, mesh=mesh)
