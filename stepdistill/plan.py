@@ -9,8 +9,8 @@ What it counts, per GPU, for the run a config describes:
 * **each trainable group** as the algorithm's ``trainable()`` defines it (DMD2: ``generator``,
   ``critic`` = fake score + GAN head; VSD: ``generator``, ``critic``; BOOT / DD: ``generator``;
   DisBack: its base's groups; MSD: ``s{k}.<group>`` for every student): float32 trainable weights,
-  float32 gradients, AdamW's two float32 moments, frozen weights the group owns (a LoRA student's
-  base when the teacher is not float32 and so cannot share its tensors), and the EMA shadow
+  float32 gradients, AdamW's two float32 moments, frozen weights the group owns (VSD's LoRA critic's
+  fp32 base; a LoRA student's base is the teacher's tensors, at any dtype), and the EMA shadow
   (``train.ema_decay``, float32, of the EMA group).  With ``train.sharding: fsdp2`` over N GPUs the
   weights, gradients, moments and EMA of each group are divided by N, except groups that hold the
   teacher's own tensors (LoRA adapters on shared base weights), which FSDP2 leaves replicated
@@ -549,28 +549,13 @@ class Recipe:
 
 
 def _fsdp_units(module: nn.Module) -> list[int]:
-    """Parameter counts of the units ``training.sharded.shard_group`` makes (same selection rule:
-    submodules with >= 1/16 of the group, children of those holding > 1/2), the root remainder last."""
-    total = _numel(module)
-    threshold = max(total // 16, 1)
-    chosen: list[nn.Module] = []
+    """Parameter counts of the units ``training.sharded.shard_group`` makes (its own policy,
+    ``training.sharded.fsdp_units``: every block of a ModuleList stack, other submodules >= 1/16),
+    the root remainder last."""
+    from .training.sharded import fsdp_units
 
-    def visit(m: nn.Module) -> None:
-        for child in m.children():
-            n = _numel(child)
-            if n < threshold:
-                continue
-            container = isinstance(child, (nn.ModuleList, nn.ModuleDict))
-            if container or (n > total // 2 and any(True for _ in child.children())):
-                visit(child)
-                if container or sum(p.numel() for p in child.parameters(recurse=False)) == 0:
-                    continue
-            else:
-                chosen.append(child)
-
-    visit(module)
-    units = [_numel(m) for m in chosen]
-    return units + [max(total - sum(units), 0)]
+    units = [_numel(m) for _, m in fsdp_units(module)]
+    return units + [max(_numel(module) - sum(units), 0)]
 
 
 def _lora(net: nn.Module, spec: dict | None, default_targets, prefix: str) -> nn.Module:
@@ -614,16 +599,16 @@ class _Ctx:
         from .algorithms.common import DEFAULT_LORA_TARGETS
 
         spec = params.get("generator_lora")
-        net = self.copy_net()
+        # a LoRA student's base is cast to the teacher's dtype and *is* the teacher's tensors (make_generator)
+        net = self.copy_net() if spec is None else self.copy_net(_TORCH_DTYPES[self.teacher_dtype])
         if spec is None:
             n = _numel(net)
             return Group(name, n, units=_fsdp_units(net), parts={"network": n}), net
         base = _numel(net)
         net = _lora(net, spec, DEFAULT_LORA_TARGETS, "algorithm.params.generator_lora.")
         lora = _numel(net, trainable_only=True)
-        shared = self.teacher_dtype == "float32"  # same dtype: the copy's frozen base *is* the teacher's
-        g = Group(name, lora, 0 if shared else base * 4, shares_teacher=shared, units=_fsdp_units(net),
-                  parts={"lora adapter": lora, ("base (teacher's tensors)" if shared else "frozen fp32 base"): base})
+        g = Group(name, lora, 0, shares_teacher=True, units=_fsdp_units(net),
+                  parts={"lora adapter": lora, "base (teacher's tensors)": base})
         return g, net
 
 
