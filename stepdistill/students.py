@@ -16,8 +16,11 @@ so the exported stock pipeline (``StableDiffusionPipeline`` + ``LCMScheduler``) 
 
 The LCM boundary scalings (``c_skip = 0.25 / ((10 t)^2 + 0.25)``) are ~1e-8 away from identity at
 the timesteps we use; they are applied anyway so that equality with the pipeline is exact, not
-approximate.  ``c_skip`` multiplies the network's own input (the adapter's ``input_scale``; VP
-teachers only -- a flow-matching generator has no boundary condition and ``"lcm"`` is refused).
+approximate.  ``c_skip`` multiplies the network's own input, computed by the adapter
+(``input_scale``: ``x / sqrt(1 + sigma^2)`` for VP, ``x / (1 + sigma)`` for flow matching; it was the
+VP input for every teacher).  :func:`~stepdistill.algorithms.common.make_generator` gives flow students
+``boundary="none"`` (their stock scheduler has no boundary condition); at flow timesteps (>= 1) an
+``"lcm"`` boundary moves x0 by at most ``c_skip <= 2.5e-3`` times the input.
 
 Which timesteps: :func:`stepdistill.algorithms.common.make_generator` lowers a requested timestep at
 which the teacher's x0 conversion is ill-posed (epsilon teachers near the end of the schedule) to
@@ -66,11 +69,6 @@ class Generator(nn.Module):
             raise InputError(f"algorithm.params.generator_timesteps must lie in [0, {n - 1}] (the teacher's training steps), got {timesteps}")
         if boundary not in ("lcm", "none"):
             raise InputError(f"boundary must be 'lcm' or 'none', got {boundary!r}")
-        if boundary == "lcm" and getattr(denoiser, "prediction_type", None) == "flow":
-            # LCMScheduler is a VP scheduler: its c_skip mixes the VP sample in; a flow student is
-            # exported with FlowMatchEulerDiscreteScheduler, which has no boundary condition
-            raise InputError("boundary='lcm' is the VP LCMScheduler's boundary condition; a flow-matching "
-                             "generator uses boundary='none' (its stock scheduler has none)")
         self.denoiser = denoiser
         self.timesteps = timesteps
         self.boundary = boundary

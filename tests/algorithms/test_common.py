@@ -26,8 +26,8 @@ def test_surrogate_gradient_is_intended_per_pixel_gradient():
 
 
 def test_epsilon_teacher_lowers_ill_posed_generator_timestep():
-    """[999] was refused for epsilon teachers; it is now lowered to the noisiest well-posed timestep
-    (alpha_bar >= 1e-3; issue #14, tests/test_transfer.py), and refused only when that collapses."""
+    """[999] (alpha_bar < 1e-3) was refused for epsilon teachers; it is now lowered to the noisiest
+    timestep with sigma <= 2 (issue #14, tests/test_transfer.py), refused only when that breaks the order."""
     from diffusers import DDPMScheduler
 
     from stepdistill.teachers.diffusion import DiffusersTeacher
@@ -36,9 +36,9 @@ def test_epsilon_teacher_lowers_ill_posed_generator_timestep():
     unet = build_unet(UNetSpec(block_out_channels=[8, 16], norm_num_groups=4))
     cfg = dict(DDPMScheduler(beta_schedule="squaredcos_cap_v2", prediction_type="epsilon").config)
     t = DiffusersTeacher(unet, cfg, num_classes=10)
-    assert make_generator(t, [999]).timesteps == [978]  # cosine: alpha_bar_978 = 1.02e-3
-    with pytest.raises(GeneratorTimestepError, match="978"):
-        make_generator(t, [999, 985])
+    assert make_generator(t, [999]).timesteps == [701]  # cosine: sigma_701 <= 2
+    with pytest.raises(GeneratorTimestepError, match="701"):
+        make_generator(t, [999, 749])
     assert make_generator(t, [899]).timesteps == [899]
     cfg["prediction_type"] = "v_prediction"
     assert make_generator(DiffusersTeacher(unet, cfg, num_classes=10), [999]).timesteps == [999]
