@@ -10,10 +10,15 @@ accelerate's FSDP plugin options are not used.
 
 What is sharded, and how (:func:`shard_group`):
 
-* each trainable group separately, on a 1-D mesh over all processes: its units, found top-down
-  (:func:`fsdp_units`) -- every block of a ``ModuleList`` stack holding at least 1/16 of the group
+* each trainable group separately, on a 1-D mesh over all processes, through its FSDP2 roots
+  (:func:`group_roots`): the networks inside the group's wrappers -- the diffusers ``ModelMixin``
+  (or transformers ``PreTrainedModel``) inside a ``Generator`` / ``DiffusersTeacher`` critic, a GAN
+  head next to it in DMD2's ``ModuleDict`` critic group; the group itself when it is a plain module
+  called through ``forward`` -- because FSDP2 all-gathers in ``forward`` hooks and the algorithms
+  call their groups through ``denoise`` / ``denoise_at``.  Each root is sharded unit by unit
+  (:func:`fsdp_units`) -- every block of a ``ModuleList`` stack holding at least 1/16 of the root
   (each transformer block of SD3 / FLUX, UNet down / up blocks), and other submodules holding at
-  least 1/16 (a UNet's mid block) -- then the group's root (the remaining parameters);
+  least 1/16 (a UNet's mid block) -- then the root itself (the remaining parameters);
 * groups whose module holds frozen parameters of the teacher (LoRA generator / critic sharing the
   teacher's base weights) stay replicated (they are small) and are reported;
 * the frozen teacher, text encoders and VAE are not sharded: they stay replicated (in bf16/fp16
@@ -25,7 +30,8 @@ What is sharded, and how (:func:`shard_group`):
   replicated run.)
 
 Gradient reduction is FSDP2's reduce-scatter (mean over ranks) in each backward; while group ``g``
-runs its micro-batches every *other* sharded group has ``set_requires_gradient_sync(False)`` (the
+runs its micro-batches every *other* sharded group has ``set_requires_gradient_sync(False)`` on each
+of its roots (the
 generator loss back-propagating through a critic that still requires grad then leaves only local
 gradients there, which are zeroed, never communicated).  Gradient clipping works on the DTensor
 gradients (``clip_grad_norm_`` computes the global norm).  The EMA shadow holds DTensors (the
@@ -38,7 +44,9 @@ files hold the *full* weights gathered on rank 0, so ``stepdistill export`` and
 ``load_checkpoint_weights`` read a sharded run's checkpoint like any other; ``optimizer-<group>.pt``
 is a small marker pointing at ``sharded/``.  At the end of a sharded run the groups are gathered
 back into plain modules (full weights on every rank), so exporting a diffusers folder, sampling and
-evaluation after ``train()`` see ordinary ``nn.Module`` s.
+evaluation after ``train()`` see ordinary ``nn.Module`` s; every other reference the task holds to
+a group's modules (DMD2's ``critic`` next to ``critic_group["score"]``, ``BottleneckFeatures``'
+hooked module) is pointed at the plain copy (:func:`_rebind`).
 """
 
 from __future__ import annotations
@@ -72,14 +80,91 @@ logger = logging.getLogger("stepdistill.training")
 
 SHARDED_DIR = "sharded"
 
-__all__ = ["SHARDING_KINDS", "ShardedTrainer", "sharding_request", "fsdp_units", "shard_group", "local_param_bytes",
-           "full_state_dict", "is_sharded"]
+__all__ = ["SHARDING_KINDS", "ShardedTrainer", "sharding_request", "fsdp_units", "shard_group", "group_roots",
+           "shard_trainable_group", "fsdp_roots", "local_param_bytes", "full_state_dict", "is_sharded"]
 
 
 def is_sharded(module: nn.Module) -> bool:
+    """Whether ``module`` or one of its submodules is an FSDP2 module."""
+    return bool(fsdp_roots(module))
+
+
+def fsdp_roots(module: nn.Module) -> list[nn.Module]:
+    """The outermost FSDP2 modules in ``module`` (``[module]`` when it is one)."""
     from torch.distributed.fsdp import FSDPModule
 
-    return isinstance(module, FSDPModule)
+    if isinstance(module, FSDPModule):
+        return [module]
+    return [r for c in module.children() for r in fsdp_roots(c)]
+
+
+def _network_classes() -> tuple[type, ...]:
+    """Library networks: always run through ``forward`` (``__call__``)."""
+    from diffusers import ModelMixin
+
+    classes: list[type] = [ModelMixin]
+    try:
+        from transformers import PreTrainedModel
+
+        classes.append(PreTrainedModel)
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        pass
+    return tuple(classes)
+
+
+def _adapter_classes() -> tuple[type, ...]:
+    """The package's wrappers that algorithms call through other methods than ``forward``
+    (``denoise``, ``denoise_raw``, ``denoise_at``, ``denoise_step``) -- never FSDP2 roots."""
+    from ..students import Generator
+    from ..teachers.base import DiffusionTeacher
+
+    return (DiffusionTeacher, Generator, nn.ModuleList, nn.ModuleDict)
+
+
+def group_roots(module: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The modules of a trainable group that :class:`ShardedTrainer` makes FSDP2 roots, as ``(name, module)``.
+
+    FSDP2 all-gathers a module's parameters in its ``forward`` pre-hook, so a root must be a module
+    whose ``forward`` runs whenever its parameters are used.  The algorithms call their groups
+    through other methods (``DiffusersTeacher.denoise``, ``Generator.denoise_at``, DMD2's
+    ``BottleneckFeatures`` -> ``denoise_raw``, Distilled Decoding's ``DDStudent.logits``), and DMD2's
+    critic group is an ``nn.ModuleDict`` (which ``fully_shard`` refuses).  Top-down from the group:
+
+    * a library network (diffusers ``ModelMixin``, transformers ``PreTrainedModel``) is a root -- every
+      wrapper ends up calling it, and only through ``forward``;
+    * containers (``ModuleList`` / ``ModuleDict``), the package's adapters (``DiffusionTeacher``,
+      ``students.Generator``) and any module holding a library network below it are descended into;
+    * any other module holding parameters (a GAN head, an analytic ``MLPDenoiser``'s layers, a plain
+      ``nn.Module`` group called through ``forward`` such as the tests' toy) is a root.
+
+    A module that is descended into must hold no parameters of its own (they would belong to no
+    root and never be gathered): that is refused with :class:`ConfigError`.  Each root is then
+    sharded unit by unit (:func:`shard_group`).  (``register_fsdp_forward_method`` on the wrapper
+    methods was not used: the list of entry points is open-ended -- every algorithm adds its own --,
+    they nest (``denoise`` -> ``denoise_raw``: the inner post-forward would reshard under the outer
+    call), and it cannot make a ``ModuleDict`` a root.)
+    """
+    nets, adapters = _network_classes(), _adapter_classes()
+    roots: list[tuple[str, nn.Module]] = []
+
+    def holds_network(m: nn.Module) -> bool:
+        return any(isinstance(x, nets) for x in m.modules())
+
+    def visit(name: str, m: nn.Module) -> None:
+        if isinstance(m, nets) or not (isinstance(m, adapters) or holds_network(m)):
+            roots.append((name, m))
+            return
+        own = [n for n, _ in m.named_parameters(recurse=False)]
+        if own:
+            raise ConfigError(f"train.sharding: fsdp2: {type(m).__name__} {name or '(the group)'!r} holds parameters "
+                              f"of its own ({', '.join(own[:4])}) outside the networks it calls; they would never be "
+                              "all-gathered. Move them into a submodule called through forward()")
+        for child_name, child in m.named_children():
+            if any(True for _ in child.parameters()):
+                visit(f"{name}.{child_name}" if name else child_name, child)
+
+    visit("", module)
+    return roots
 
 
 def _own_numel(module: nn.Module, covered: set[int]) -> int:
@@ -135,6 +220,11 @@ def shard_group(module: nn.Module, mesh: Any, min_params: int | None = None) -> 
     return [n for n, _ in chosen]
 
 
+def shard_trainable_group(module: nn.Module, mesh: Any) -> dict[str, list[str]]:
+    """:func:`shard_group` on each of the group's :func:`group_roots`; returns ``{root name: unit names}``."""
+    return {name: shard_group(root, mesh) for name, root in group_roots(module)}
+
+
 def _is_dtensor(t: Any) -> bool:
     from torch.distributed.tensor import DTensor
 
@@ -171,22 +261,61 @@ def full_state_dict(module: nn.Module) -> dict[str, Tensor]:
     return {k: _full(v).detach().clone() for k, v in module.state_dict().items()}
 
 
-def _meta_skeleton(module: nn.Module, task: nn.Module | None = None) -> nn.Module:
-    """A deep copy of ``module`` whose parameters and buffers are on the meta device (no memory);
-    modules and tensors of ``task`` outside ``module`` (e.g. a teacher it refers to) are shared."""
+_MODULE_INTERNALS = frozenset(vars(nn.Module()))  # _parameters, _modules, hook dicts, training, ...
+
+
+def _meta_skeleton(module: nn.Module, task: nn.Module | None = None) -> tuple[nn.Module, dict[int, nn.Module]]:
+    """A deep copy of ``module`` whose parameters and buffers are on the meta device (no memory),
+    and ``{id(original submodule): its copy}``.  Modules and tensors of ``task`` outside ``module``
+    (e.g. a teacher it refers to) are shared, and so are the plain objects the task's other modules
+    hold as attributes: a hook the algorithm registered on a module of the group (DMD2's
+    ``BottleneckFeatures`` on the critic's mid block) stays bound to the algorithm's own object."""
     memo: dict[int, Any] = {}
     if task is not None:
         inside = {id(m) for m in module.modules()}
         for m in task.modules():
-            if id(m) not in inside:
-                memo[id(m)] = m
+            if id(m) in inside:
+                continue
+            memo[id(m)] = m
+            for k, v in vars(m).items():
+                if k not in _MODULE_INTERNALS and not isinstance(v, (nn.Module, Tensor)):
+                    memo[id(v)] = v
         for t in list(task.parameters()) + list(task.buffers()):
             memo[id(t)] = t
     for p in module.parameters():
         memo[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
     for b in module.buffers():
         memo[id(b)] = torch.empty_like(b, device="meta")
-    return copy.deepcopy(module, memo)
+    skeleton = copy.deepcopy(module, memo)
+    return skeleton, {id(m): memo[id(m)] for m in module.modules()}
+
+
+def _rebind(task: nn.Module, mapping: dict[int, nn.Module]) -> int:
+    """Point every reference the task holds to an old (sharded) module of a group at its plain
+    copy: submodule entries (DMD2's ``critic`` is both ``critic_group["score"]`` and an attribute),
+    modules kept as plain attributes, and module attributes of plain objects the task's modules hold
+    (``BottleneckFeatures.module``).  Returns the number of references changed."""
+    changed = 0
+    seen: set[int] = set()
+    for m in list(task.modules()):
+        for k, c in list(m._modules.items()):
+            if c is not None and id(c) in mapping:
+                m._modules[k] = mapping[id(c)]
+                changed += 1
+        for k, v in list(vars(m).items()):
+            if k in _MODULE_INTERNALS:
+                continue
+            if isinstance(v, nn.Module):
+                if id(v) in mapping:
+                    object.__setattr__(m, k, mapping[id(v)])
+                    changed += 1
+            elif hasattr(v, "__dict__") and not isinstance(v, (Tensor, type)) and id(v) not in seen:
+                seen.add(id(v))
+                for a, x in list(vars(v).items()):
+                    if isinstance(x, nn.Module) and id(x) in mapping:
+                        setattr(v, a, mapping[id(x)])
+                        changed += 1
+    return changed
 
 
 def _find_path(root: nn.Module, target: nn.Module) -> str | None:
@@ -226,7 +355,8 @@ class ShardedTrainer(Trainer):
             mesh = init_device_mesh(self.device.type, (1,))
         self.sharded_groups: list[str] = []
         self.replicated_groups: list[str] = []
-        self.skeletons: dict[str, tuple[str, nn.Module]] = {}
+        self.skeletons: dict[str, tuple[str, nn.Module, dict[int, nn.Module]]] = {}
+        self.roots: dict[str, list[nn.Module]] = {}
         for name, module in groups.items():
             if any(id(p) in frozen for p in module.parameters()):
                 self.replicated_groups.append(name)
@@ -235,10 +365,12 @@ class ShardedTrainer(Trainer):
             if path is None or path == "":
                 raise ConfigError(f"train.sharding: trainable group {name!r} is not a submodule of the task; "
                                   "it cannot be sharded (register it as an attribute of the distiller)")
-            self.skeletons[name] = (path, _meta_skeleton(module, self.task))
-            blocks = shard_group(module, mesh)
+            self.skeletons[name] = (path, *_meta_skeleton(module, self.task))
+            units = shard_trainable_group(module, mesh)
+            self.roots[name] = fsdp_roots(module)
             self.sharded_groups.append(name)
-            logger.info("FSDP2: group %r sharded over %d processes (%d blocks + root)", name, self.world, len(blocks))
+            logger.info("FSDP2: group %r sharded over %d processes: roots %s (%d units in all)", name, self.world,
+                        ", ".join(r or "(the group)" for r in units), sum(len(u) for u in units.values()))
         if self.acc.is_main_process and self.cfg.progress:
             extra = (f"; replicated (share frozen teacher weights, LoRA): {', '.join(self.replicated_groups)}"
                      if self.replicated_groups else "")
@@ -263,15 +395,20 @@ class ShardedTrainer(Trainer):
                 if not p.requires_grad:
                     p.requires_grad_(True)
 
+    def _gradient_sync(self, on: Any) -> None:
+        """``set_requires_gradient_sync`` on every FSDP2 root of every sharded group (a group may have
+        several roots: DMD2's critic network and GAN head); ``on(group) -> bool``."""
+        for g in self.sharded_groups:
+            for root in self.roots[g]:
+                root.set_requires_gradient_sync(on(g))
+
     def run_group(self, step: int, pos: int, group: str, batches: list, caches: list[dict]) -> None:
-        for g, m in self._sharded_modules().items():
-            m.set_requires_gradient_sync(g == group)
+        self._gradient_sync(lambda g: g == group)
         self._restore_requires_grad()
         try:
             super().run_group(step, pos, group, batches, caches)
         finally:
-            for m in self._sharded_modules().values():
-                m.set_requires_gradient_sync(True)
+            self._gradient_sync(lambda g: True)
             self._restore_requires_grad()
 
     def reduce_grads(self, group: str, params: list[nn.Parameter]) -> None:
@@ -413,14 +550,19 @@ class ShardedTrainer(Trainer):
         ema_full = None
         if self.ema is not None:
             ema_full = {k: _full(v).detach().clone() for k, v in self.ema.shadow.items()}
+        mapping: dict[int, nn.Module] = {}
         for g in self.sharded_groups:
-            path, skeleton = self.skeletons[g]
+            path, skeleton, copies = self.skeletons[g]
             full = full_state_dict(self.groups[g])
             plain = skeleton.to_empty(device=self.device)
             plain.load_state_dict(full, strict=True)
-            plain.train(self.groups[g].training)
+            for old in self.groups[g].modules():  # train / eval flags as they were, module by module
+                copies[id(old)].train(old.training)
             _set_submodule(self.task, path, plain)
+            mapping.update(copies)
             self.groups[g] = plain
+        # other references to the old modules (DMD2.critic is critic_group["score"]; hooks' owners)
+        _rebind(self.task, mapping)
         if self.ema is not None:
             ema = EMA.__new__(EMA)
             ema.decay, ema.warmup, ema.num_updates = self.ema.decay, self.ema.warmup, self.ema.num_updates
