@@ -19,10 +19,11 @@ their ratio to the replicated run (target <= 0.55x), the median wall time per st
 speed-up measurement), the peak RSS of each process, and whether the final generator, critic and
 generator-EMA weights equal the replicated run's (``torch.allclose`` rtol 1e-5, atol 1e-6; the max
 absolute difference is recorded).  A run that fails is a row with ``ok: false`` and the first
-exception a rank printed (at the time of writing VSD, DMD2 and BOOT fail under FSDP2: their groups
-are called through ``denoise`` / ``denoise_at``, not ``forward``, so FSDP2's pre-forward all-gather
-of the root's parameters never runs; DMD2's critic group is also a ``ModuleDict``, which
-``fully_shard`` refuses).
+exception a rank printed.  (Before ``training.sharded.group_roots`` VSD, DMD2 and BOOT failed here:
+the group was the FSDP2 root, but it is called through ``denoise`` / ``denoise_at``, not
+``forward``, so FSDP2's pre-forward all-gather of the root's parameters never ran; DMD2's critic
+group is a ``ModuleDict``, which ``fully_shard`` refuses.  The roots are now the networks inside
+each group; ``all_groups_sharded`` and the byte ratio show that every group is sharded.)
 
 Rows go to ``benchmarks/results/fsdp_cpu.json`` (DESIGN.md section 8).  Reproduce with::
 

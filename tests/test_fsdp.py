@@ -478,3 +478,101 @@ def test_fsdp2_more_algorithms_tiny_sd_match_one_process_resume_and_export(algo,
     critic's bottleneck through a hook), VSD (full critic called through ``denoise``) and BOOT
     (generator called through ``denoise_at``)."""
     _check_sd_algorithm(algo, tmp_path)
+
+
+def _pixel_dmd2_gan():
+    from stepdistill.algorithms import build
+    from stepdistill.teachers.diffusion import DiffusersTeacher
+    from stepdistill.testing import SD_SCHEDULER_CONFIG, tiny_unet2d
+
+    torch.manual_seed(0)
+    teacher = DiffusersTeacher(tiny_unet2d(num_classes=10, channels=3), dict(SD_SCHEDULER_CONFIG), num_classes=10,
+                               guidance_scale=2.0)
+    return build("dmd2", teacher, {"gan_weight_g": 0.5, "gan_weight_d": 0.5, "generator_timesteps": [899]})
+
+
+def test_group_roots_are_the_networks_inside_the_wrappers():
+    """FSDP2 roots: the diffusers network inside Generator / DiffusersTeacher, the GAN head next to the
+    fake score in DMD2's ModuleDict, an analytic denoiser's layers, a plain forward-called group itself;
+    a wrapper holding parameters of its own is refused (they would never be all-gathered)."""
+    from stepdistill.students import Generator
+    from stepdistill.teachers.analytic import GaussianMixtureTeacher, MLPDenoiser
+    from stepdistill.training.sharded import group_roots
+
+    d = _pixel_dmd2_gan()
+    assert [n for n, _ in group_roots(d.critic_group)] == ["score.model", "gan_head"]
+    assert [n for n, _ in group_roots(d.generator)] == ["denoiser.model"]
+    toy = _toy().FSDPToy()
+    assert group_roots(toy.generator) == [("", toy.generator)]
+    gmm = GaussianMixtureTeacher.ring()
+    gen = Generator(MLPDenoiser(gmm, hidden=8), [gmm.num_train_timesteps - 1], boundary="none")
+    assert [n for n, _ in group_roots(gen)] == ["denoiser.class_emb", "denoiser.noise_emb", "denoiser.inp",
+                                                 "denoiser.body"]
+    gen.register_parameter("scale", torch.nn.Parameter(torch.ones(1)))
+    with pytest.raises(ConfigError, match="holds parameters of its own"):
+        group_roots(gen)
+
+
+def test_sharded_groups_called_through_denoise_and_gathered_back(monkeypatch):
+    """On a 1-rank mesh: DMD2's groups sharded through their roots give the unsharded losses and
+    gradients when called through ``denoise`` / ``denoise_at`` / the GAN head's bottleneck hook (the
+    old code refused the ModuleDict critic group, and a generator sharded at the group root met
+    ``mixed torch.Tensor and DTensor``); ``ShardedTrainer._gather_back`` then leaves plain modules
+    that every reference of the algorithm points at (``DMD2.critic``, the hook) and that still compute
+    the same loss."""
+    import copy
+
+    import torch.distributed as dist
+
+    from stepdistill.training.sharded import (
+        ShardedTrainer,
+        _meta_skeleton,
+        fsdp_roots,
+        is_sharded,
+        shard_trainable_group,
+    )
+
+    d = _pixel_dmd2_gan()
+    ref = copy.deepcopy(d)
+    g = torch.Generator().manual_seed(3)
+    batch = {"raw_cond": torch.arange(4) % 10, "real": torch.rand(4, 3, 8, 8, generator=g) * 2 - 1, "batch_size": 4}
+    x = torch.randn(4, 3, 8, 8, generator=g)
+    idx = torch.tensor([999, 700, 400, 100])
+    mesh = _one_rank_mesh(monkeypatch)
+    try:
+        skeletons = {"generator": ("generator", *_meta_skeleton(d.generator, d)),
+                     "critic": ("critic_group", *_meta_skeleton(d.critic_group, d))}
+        shard_trainable_group(d.generator, mesh)
+        shard_trainable_group(d.critic_group, mesh)
+        assert len(fsdp_roots(d.critic_group)) == 2 and len(fsdp_roots(d.generator)) == 1
+
+        def losses(m):
+            torch.manual_seed(5)
+            crit = m.loss(batch, 1, "critic", {}).loss  # fake-score DSM + GAN head through the hook
+            cond = m.teacher.encode_conditions(batch["raw_cond"])
+            gen = m.generator.denoise_at(x, idx, cond).square().mean()  # BOOT's call
+            return crit, gen
+
+        (c1, g1), (c0, g0) = losses(d), losses(ref)
+        torch.testing.assert_close(c1, c0, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(g1, g0, rtol=1e-5, atol=1e-6)
+        (c1 + g1).backward()
+        (c0 + g0).backward()
+        for part in ("critic_group", "generator"):
+            mine = dict(getattr(d, part).named_parameters())
+            for n, p in getattr(ref, part).named_parameters():
+                if p.grad is not None:
+                    torch.testing.assert_close(mine[n].grad.full_tensor(), p.grad, rtol=1e-4, atol=1e-6, msg=lambda m, n=n: f"{n}: {m}")
+
+        t = ShardedTrainer.__new__(ShardedTrainer)  # drive the real gather-back on this task
+        t.task, t.ema, t.device = d, None, torch.device("cpu")
+        t.sharded_groups, t.skeletons = ["generator", "critic"], skeletons
+        t.groups = {"generator": d.generator, "critic": d.critic_group}
+        t._gather_back()
+    finally:
+        dist.destroy_process_group()
+    assert not is_sharded(d) and d.critic is d.critic_group["score"] and d.generator is t.groups["generator"]
+    assert not any(type(p).__name__ == "DTensor" for p in d.parameters())
+    (c2, g2), (c0, g0) = losses(d), losses(ref)  # the hook fires on the plain critic
+    torch.testing.assert_close(c2, c0, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g2, g0, rtol=1e-5, atol=1e-6)
