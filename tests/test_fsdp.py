@@ -9,6 +9,10 @@ the resumed sharded run equals the uninterrupted one exactly; checkpoints carry 
 folder plus full ``<group>.safetensors`` that load into a plain module; after ``train()`` the
 groups are plain modules again.  The generator phase back-propagates through the critic with its
 ``requires_grad`` off (FSDP2 without a mixed-precision policy; see the sharded module's docstring).
+The same for the real algorithms on a tiny SD teacher (tests/fsdp_sd.py: DMD2 in the default suite;
+DMD2 with its GAN head, VSD and BOOT marked slow), plus a sharded checkpoint exported with
+``export_run`` as a plain ``StableDiffusionPipeline`` folder; and, fast, the FSDP2 roots of a group
+(``group_roots``) and the gather-back of DMD2's groups on a 1-rank mesh.
 """
 
 from __future__ import annotations
