@@ -264,6 +264,40 @@ def student_row(name: str, pipe: Path, args, base: dict) -> dict:
     return row
 
 
+#: student runs under --work/students/<teacher>-<tag> (made with --tag / --student-override, or kept
+#: from an earlier rule) reported beside the main rows, never in the spread
+PROBE_NOTES = {
+    "gain31": "the first rule of this issue (ill-posed timesteps lowered only to gain <= 31.6, alpha_bar >= 1e-3): "
+              "generator at 824; student run at commit bb307c0 with the then working tree",
+    "g14": "probe: generator_timesteps=[726] (gain 14.6, SD1.5's gain at 999)",
+    "g2": "probe: generator_timesteps=[395] (gain 2; the rule adopted)",
+    "sigma2": "probe: generator at the noisiest timestep with sigma <= 2 for a non-epsilon teacher "
+              "(not adopted: v / sample / flow keep 999)",
+    "wv": "probe: algorithm.params.critic_weighting=v_prediction (sample: what the new default does; flow: "
+          "v weighting instead of the flow loss's ((1+sigma)/sigma)^2)",
+    "s1600": "probe: --student-steps 1600 (the preset's full budget), critic weight 1 (the former sample default)",
+    "w1": "the former critic weighting default (sample: weight 1, its native x0 MSE; flow: weight 1, which was "
+          "not the flow loss); student run before commit of the weighting change",
+}
+
+
+def probe_rows(args, main: dict) -> list[dict]:
+    rows = []
+    for f in sorted((Path(args.work) / "students").glob("*-*/row.json")):
+        name, tag = f.parent.name.rsplit("-", 1)
+        if name not in main or tag not in PROBE_NOTES:
+            continue
+        r = json.loads(f.read_text())
+        best = main[name]
+        ratio = r["fid"] / best["teacher_best_fid"]
+        rows.append({**r, "method": f"dmd2-probe-{tag}", "probe": tag, "notes": PROBE_NOTES[tag],
+                     "teacher_best_fid": best["teacher_best_fid"], "fid_ratio_to_teacher_best": round(ratio, 3),
+                     "fid_ratio_std": round(ratio * math.hypot(r["fid_std"] / r["fid"], best["teacher_best_fid_std"]
+                                                               / best["teacher_best_fid"]), 3)})
+        print(f"[{name} probe {tag}] {r['fid']:.3f}+-{r['fid_std']:.3f} ratio {ratio:.2f}", flush=True)
+    return rows
+
+
 # ---------------------------------------------------------------------------------------------
 
 
@@ -291,7 +325,8 @@ def main(argv=None) -> int:
         trows = teacher_rows(name, pipe, info, args, base)
         best = min(trows, key=lambda r: r["fid"])
         srow = student_row(name, pipe, args, base)
-        srow = {**srow, "commit": base["commit"], "command": command}
+        # the commit stays the one the student was trained at (row.json); this run only assembles
+        srow = {**srow, "assembled_at_commit": base["commit"]}
         ratio = srow["fid"] / best["fid"]
         # ratio spread: relative seed stds added in quadrature
         ratio_std = ratio * math.hypot(srow["fid_std"] / srow["fid"], best["fid_std"] / best["fid"])
@@ -302,6 +337,7 @@ def main(argv=None) -> int:
         rows += [*trows, srow]
         print(f"[{name}] student {srow['fid']:.3f}+-{srow['fid_std']:.3f} / teacher best {best['fid']:.3f} "
               f"({srow['teacher_best']}) = {ratio:.2f}+-{ratio_std:.2f}", flush=True)
+    rows += probe_rows(args, {r["teacher"]: r for r in rows if r.get("teacher_best_fid")})
     if len(ratios) > 1:
         hi, lo = max(ratios, key=lambda k: ratios[k][0]), min(ratios, key=lambda k: ratios[k][0])
         spread = ratios[hi][0] / ratios[lo][0]
