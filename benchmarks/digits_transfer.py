@@ -275,7 +275,9 @@ PROBE_NOTES = {
               "(not adopted: v / sample / flow keep 999)",
     "wv": "probe: algorithm.params.critic_weighting=v_prediction (sample: what the new default does; flow: "
           "v weighting instead of the flow loss's ((1+sigma)/sigma)^2)",
-    "s1600": "probe: --student-steps 1600 (the preset's full budget), critic weight 1 (the former sample default)",
+    "s1600": "--student-steps 1600: the preset's full budget (regression 600, critic warm-up 100, 4000 pairs), "
+             "every teacher; its own spread row",
+    "s1600w1": "probe: --student-steps 1600 with the former sample critic weighting (weight 1)",
     "w1": "the former critic weighting default (sample: weight 1, its native x0 MSE; flow: weight 1, which was "
           "not the flow loss); student run before commit of the weighting change",
 }
@@ -338,21 +340,29 @@ def main(argv=None) -> int:
         print(f"[{name}] student {srow['fid']:.3f}+-{srow['fid_std']:.3f} / teacher best {best['fid']:.3f} "
               f"({srow['teacher_best']}) = {ratio:.2f}+-{ratio_std:.2f}", flush=True)
     rows += probe_rows(args, {r["teacher"]: r for r in rows if r.get("teacher_best_fid")})
+    full = {r["teacher"]: (r["fid_ratio_to_teacher_best"], r["fid_ratio_std"]) for r in rows if r.get("probe") == "s1600"}
+    if len(full) == len(ratios) > 1:
+        rows.append(spread_row(full, {**base, "method": "dmd2-transfer-spread-1600-steps"}, args, 1600))
     if len(ratios) > 1:
-        hi, lo = max(ratios, key=lambda k: ratios[k][0]), min(ratios, key=lambda k: ratios[k][0])
-        spread = ratios[hi][0] / ratios[lo][0]
-        spread_std = spread * math.hypot(ratios[hi][1] / ratios[hi][0], ratios[lo][1] / ratios[lo][0])
-        summary = {**base, "teacher": "all", "method": "dmd2-transfer-spread",
-                   "ratios": {k: round(v[0], 3) for k, v in ratios.items()},
-                   "max_over_min_ratio": round(spread, 3), "max_over_min_ratio_std": round(spread_std, 3),
-                   "worst": hi, "best": lo, "target": args.target, "met": spread <= args.target,
-                   "margin": round(args.target - spread, 3), "teacher_train_steps": args.teacher_steps,
-                   "student_train_steps": args.student_steps}
-        rows.append(summary)
-        print(json.dumps(summary), flush=True)
+        rows.append(spread_row(ratios, {**base, "method": "dmd2-transfer-spread"}, args, args.student_steps))
     Path(args.output).parent.mkdir(exist_ok=True, parents=True)
     Path(args.output).write_text(json.dumps(rows, indent=1) + "\n")
     return 0
+
+
+def spread_row(ratios: dict, base: dict, args, student_steps: int) -> dict:
+    """max/min of the students' FID ratios to their teachers' best, against --target."""
+    hi, lo = max(ratios, key=lambda k: ratios[k][0]), min(ratios, key=lambda k: ratios[k][0])
+    spread = ratios[hi][0] / ratios[lo][0]
+    spread_std = spread * math.hypot(ratios[hi][1] / ratios[hi][0], ratios[lo][1] / ratios[lo][0])
+    summary = {**base, "teacher": "all",
+               "ratios": {k: round(v[0], 3) for k, v in ratios.items()},
+               "max_over_min_ratio": round(spread, 3), "max_over_min_ratio_std": round(spread_std, 3),
+               "worst": hi, "best": lo, "target": args.target, "met": spread <= args.target,
+               "margin": round(args.target - spread, 3), "teacher_train_steps": args.teacher_steps,
+               "student_train_steps": student_steps}
+    print(json.dumps(summary), flush=True)
+    return summary
 
 
 if __name__ == "__main__":
