@@ -1,6 +1,7 @@
 """Every diffusion algorithm on the embedded text-to-image teacher (issue #14's rows), through
 ``stepdistill compare``: one step budget, the same 500 evaluation prompts and seeds 0, 1, 2, FID-attr
-against the held-out digits and against the held-out digits through the teacher's VAE (``fid_vae``),
+against the held-out digits and against the teacher's own DDIM-50 samples (``fid_teacher``, the
+teacher-relative FID that ranks in ``benchmarks/results/t2i_yardstick.json``),
 CLIP score, prompt accuracy, images/s; FID-vs-step curves every 250 steps (1 seed).
 
 The run folder (checkpoints, exported pipelines) lives outside the repository (``--work``) and is
@@ -26,6 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "t2i_methods"
 PRESETS = ("t2i/dmd2_1step", "t2i/vsd", "t2i/boot", "t2i/dmd2_1step_lora", "t2i/dmd2_4step",
            "t2i/disback_dmd2", "t2i/msd_k4", "t2i/disback_vsd")
+TEACHER_REF = ROOT / "benchmarks" / "results" / "t2i_teacher_ddim50_cfg2_seed9_stats.npz"
 ARTEFACTS = ("compare.json", "compare.md", "fid_vs_step.png", "fid_vs_clip.png", "samples.png", "samples.json")
 
 
@@ -50,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--curve-every", type=int, default=250)
     p.add_argument("--steps", type=int, default=None, help="equal budget (default: the first preset's)")
+    p.add_argument("--teacher-reference", default=str(TEACHER_REF),
+                   help="teacher-relative FID reference (default: the teacher's DDIM-50 CFG 2 statistics)")
     p.add_argument("--one-at-a-time", action="store_true",
                    help="run compare once per preset so artefacts are copied after each method")
     args = p.parse_args(argv)
@@ -62,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     batches = [args.presets[: i + 1] for i in range(len(args.presets))] if args.one_at_a_time else [args.presets]
     for presets in batches:  # compare skips the finished ones, so each call adds one method
         compare("t2i", presets, work, steps=args.steps, num_images=args.num_images, seeds=seeds,
-                curve_every=args.curve_every, command=command)
+                curve_every=args.curve_every, command=command, teacher_reference=args.teacher_reference)
         print("copied", copy_artefacts(work, RESULTS), "to", RESULTS, flush=True)
     return 0
 

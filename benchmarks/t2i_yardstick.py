@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
 
     commit = git_commit(ROOT)
     command = "python benchmarks/t2i_yardstick.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
-    rows, per = [], {}
+    rows, per, per_seed = [], {}, {}
     for steps in steps_list:
         for cfg in cfgs:
             vals: dict[str, list[float]] = {v: [] for v in REFS}
@@ -192,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
             for v, fs in vals.items():
                 m, sd = mean_std(fs)
                 per[(v, steps, cfg)] = (m, sd)
+                per_seed[(v, steps, cfg)] = fs
                 rows.append({"benchmark": BENCHMARK, "teacher": "t2i-colored-mnist", "method": "teacher-ddim",
                              "part": "teacher", "variant": v, "steps": steps, "cfg": cfg, "n": args.n,
                              "eval_seeds": seeds, "fid": round(m, 4), "fid_std": round(sd, 4),
@@ -208,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append({"benchmark": BENCHMARK, "part": "floor", "variant": v, "n": args.n, "eval_seeds": seeds,
                      "fid": round(m, 4), "fid_std": round(sd, 4), "fid_per_seed": [round(f, 4) for f in fs],
                      "metric": f"FID-{v}-N{args.n}", "command": command, "commit": commit})
-    rows.extend(verdicts(per, list(REFS), steps_list, cfgs, args.n, command, commit))
+    rows.extend(verdicts(per, per_seed, list(REFS), steps_list, cfgs, args.n, command, commit))
     for r in rows:
         if r["part"] == "verdict":
             print(json.dumps(r))
@@ -217,24 +218,33 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def verdicts(per, variants, steps_list, cfgs, n, command, commit) -> list[dict]:
+def verdicts(per, per_seed, variants, steps_list, cfgs, n, command, commit) -> list[dict]:
     """Per variant: the best CFG per step count, the separations between step counts and from the
-    floor in units of the larger of the two evaluation-seed stds (the issue's 3-std test)."""
+    floor in units of the larger of the two evaluation-seed stds (the issue's 3-std test), and the
+    paired separation: every step count is sampled with the same evaluation seeds (same noise, same
+    prompts), so the per-seed difference has its own seed std (common random numbers), which
+    removes the part of the seed spread that all step counts share."""
     out = []
     for v in variants:
         best = {s: min(((per[(v, s, c)], c) for c in cfgs), key=lambda t: t[0][0]) for s in steps_list}
-        seps = {}
+        seps, paired = {}, {}
         ordered = sorted(steps_list)
         for a, b in zip(ordered, ordered[1:]):
-            (ma, sa), _ = best[a]
-            (mb, sb), _ = best[b]
+            (ma, sa), ca = best[a]
+            (mb, sb), cb = best[b]
             seps[f"{a}_vs_{b}"] = round(abs(ma - mb) / max(sa, sb, 1e-12), 2)
+            d = np.asarray(per_seed[(v, a, ca)]) - np.asarray(per_seed[(v, b, cb)])
+            if len(d) > 1:
+                paired[f"{a}_vs_{b}"] = {"mean_diff": round(float(d.mean()), 3),
+                                         "std_diff": round(float(d.std(ddof=1)), 3),
+                                         "separation_std": round(abs(float(d.mean())) / max(float(d.std(ddof=1)), 1e-12), 2)}
         top = min(best.values(), key=lambda t: t[0][0])
         floor = per.get((v, "floor", None))
         row = {"benchmark": BENCHMARK, "part": "verdict", "variant": v, "n": n,
                "best": {str(s): {"fid": round(best[s][0][0], 3), "std": round(best[s][0][1], 3), "cfg": best[s][1]}
                         for s in steps_list},
                "separation_std": seps, "ranks": all(x > 3 for x in seps.values()),
+               "paired": paired, "ranks_paired": bool(paired) and all(x["separation_std"] > 3 for x in paired.values()),
                "command": command, "commit": commit}
         if floor is not None:
             (mt, st), _ = top

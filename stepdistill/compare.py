@@ -100,6 +100,8 @@ class Scorer:
     seeds: list[int]
     prompts: str | None  # prompt file of text evaluation (None = the shipped eval prompts)
     require_captions: bool = True
+    #: further FID references (name -> statistics .npz, or "vae"): ``fid_<name>`` beside ``fid``
+    extra_references: dict | None = None
     batch_size: int = 100
 
     def __call__(self, folder: str | Path, seeds: list[int] | None = None, num_images: int | None = None,
@@ -110,7 +112,8 @@ class Scorer:
             from .eval.t2i import evaluate_t2i
 
             res = evaluate_t2i(str(folder), self.prompts, num_images=n, seeds=seeds, batch_size=self.batch_size,
-                               require_captions=self.require_captions, extra_references={"vae": "vae"}, **call_kw)
+                               require_captions=self.require_captions, extra_references=self.extra_references,
+                               **call_kw)
             return {k: v for k, v in res.items() if not k.startswith("_")}
         return _score_digits(folder, n, seeds, self.batch_size, **call_kw)
 
@@ -168,7 +171,7 @@ def _run_method(preset: str, name: str, teacher: CompareTeacher, out: Path, step
         if folder is None:
             return {}
         res = scorer(folder, seeds=[scorer.seeds[0]], num_images=curve_images)
-        point = {"step": int(step), "fid": res["fid"], "fid_vae": res.get("fid_vae"), "clip_score": res.get("clip_score"),
+        point = {"step": int(step), "fid": res["fid"], "fid_teacher": res.get("fid_teacher"), "clip_score": res.get("clip_score"),
                  "prompt_accuracy": res.get("prompt_accuracy"), "class_accuracy": res.get("class_accuracy")}
         with open(curve_file, "a") as f:
             f.write(json.dumps(point) + "\n")
@@ -191,7 +194,7 @@ def _run_method(preset: str, name: str, teacher: CompareTeacher, out: Path, step
         "benchmark": "compare", "teacher": teacher.name, "teacher_path": teacher.path, "method": name,
         "preset": preset, "algorithm": cfg.algorithm.name, "nfe": nfe,
         "fid": score["fid"], "fid_std": score.get("fid_std"), "fid_detector": score.get("fid_detector"),
-        "fid_vae": score.get("fid_vae"), "fid_vae_std": score.get("fid_vae_std"),
+        "fid_teacher": score.get("fid_teacher"), "fid_teacher_std": score.get("fid_teacher_std"),
         "metric": score.get("metric"), "n_samples": score.get("n"), "seeds": score.get("seeds"),
         "clip_score": score.get("clip_score"), "clip_score_std": score.get("clip_score_std"),
         "prompt_accuracy": score.get("prompt_accuracy"), "prompt_accuracy_std": score.get("prompt_accuracy_std"),
@@ -221,7 +224,7 @@ def _teacher_row(teacher: CompareTeacher, out: Path, steps: int, guidance: float
     row = {"benchmark": "compare", "teacher": teacher.name, "teacher_path": teacher.path,
            "method": f"teacher-{steps}", "preset": None, "algorithm": "teacher", "nfe": steps * (2 if guidance and guidance != 1 else 1),
            "fid": score["fid"], "fid_std": score.get("fid_std"), "fid_detector": score.get("fid_detector"),
-           "fid_vae": score.get("fid_vae"), "fid_vae_std": score.get("fid_vae_std"),
+           "fid_teacher": score.get("fid_teacher"), "fid_teacher_std": score.get("fid_teacher_std"),
            "metric": score.get("metric"), "n_samples": score.get("n"), "seeds": score.get("seeds"),
            "clip_score": score.get("clip_score"), "clip_score_std": score.get("clip_score_std"),
            "prompt_accuracy": score.get("prompt_accuracy"), "class_accuracy": score.get("class_accuracy"),
@@ -243,14 +246,14 @@ def _fmt(v, std=None, digits=3) -> str:
 
 
 def write_table(rows: list[dict], path: Path) -> str:
-    vae = any(r.get("fid_vae") is not None for r in rows)
-    head = ("| method | NFE | FID | " + ("FID (VAE ref.) | " if vae else "")
+    rel = any(r.get("fid_teacher") is not None for r in rows)
+    head = ("| method | NFE | FID | " + ("FID vs teacher | " if rel else "")
             + "CLIP | prompt acc. | class acc. | images/s | train steps | train s |")
-    lines = [head, "|---" * (9 + vae) + "|"]
+    lines = [head, "|---" * (9 + rel) + "|"]
     for r in rows:
         lines.append(
             f"| {r['method']} | {r['nfe']} | {_fmt(r['fid'], r.get('fid_std'), 2)} | "
-            + (f"{_fmt(r.get('fid_vae'), r.get('fid_vae_std'), 2)} | " if vae else "") +
+            + (f"{_fmt(r.get('fid_teacher'), r.get('fid_teacher_std'), 2)} | " if rel else "") +
             f"{_fmt(r.get('clip_score'), r.get('clip_score_std'))} | {_fmt(r.get('prompt_accuracy'), r.get('prompt_accuracy_std'))} | "
             f"{_fmt(r.get('class_accuracy'), r.get('class_accuracy_std'))} | {_fmt(r.get('images_per_s'), None, 1)} | "
             f"{r['train_steps']} | {r['train_seconds']} |")
@@ -350,8 +353,12 @@ def compare(teacher: str, presets: list[str], output: str | Path, *, steps: int 
             overrides: list[str] | None = None, num_images: int = 300, seeds: list[int] | tuple = (0, 1, 2),
             prompts: str | None = None, curve_every: int = 0, curve_images: int | None = None,
             teacher_steps: int | None = None, sheet_columns: int = 8, command: str | None = None,
-            quiet: bool = False) -> list[dict]:
+            teacher_reference: str | None = None, quiet: bool = False) -> list[dict]:
     """Train, export and score every preset on ``teacher``; write the comparison outputs into ``output``.
+    ``teacher_reference`` (text teachers): FID statistics of the teacher's own many-step samples
+    (e.g. ``benchmarks/results/t2i_teacher_ddim50_cfg2_seed9_stats.npz``): every row also gets the
+    teacher-relative ``fid_teacher`` (distillation fidelity; the FID variant that ranks the
+    teacher's 4 against 8 steps by 7 seed stds in ``benchmarks/results/t2i_yardstick.json``).
     Returns the rows (one per method, the teacher's first when ``teacher_steps`` is given)."""
     from .config import ConfigError, load_config
 
@@ -380,7 +387,8 @@ def compare(teacher: str, presets: list[str], output: str | Path, *, steps: int 
         except Exception:  # noqa: BLE001  (not coloured-MNIST captions: no prompt accuracy)
             require = False
     scorer = Scorer(text=t.text, num_images=num_images, seeds=[int(s) for s in seeds], prompts=prompts,
-                    require_captions=require, batch_size=min(100, num_images))
+                    require_captions=require, batch_size=min(100, num_images),
+                    extra_references={"teacher": str(teacher_reference)} if teacher_reference and t.text else None)
     _write_json(out / "compare_config.json", {"teacher": teacher, "teacher_path": t.path, "presets": presets,
                                               "steps": steps, "overrides": overrides, "num_images": num_images,
                                               "seeds": list(seeds), "prompts": prompts, "command": command})
@@ -417,6 +425,9 @@ def add_parser(sub) -> None:
     p.add_argument("--prompts", default=None, help="evaluation prompt file (text teachers; default: shipped)")
     p.add_argument("--curve-every", type=int, default=0, help="FID every N steps for the FID-vs-step plot")
     p.add_argument("--teacher-steps", type=int, default=None, help="also score the teacher at this many steps")
+    p.add_argument("--teacher-reference", default=None, metavar="STATS.npz",
+                   help="text teachers: FID statistics of the teacher's own samples; adds the teacher-relative "
+                        "fid_teacher to every row")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override for every preset (repeatable), e.g. --set train.batch_size=16")
 
@@ -425,6 +436,7 @@ def run_from_args(args) -> int:
     compare(args.teacher, args.presets, args.output, steps=args.steps, overrides=args.overrides,
             num_images=args.num_images, seeds=[int(s) for s in str(args.seeds).split(",") if s.strip()],
             prompts=args.prompts, curve_every=args.curve_every, teacher_steps=args.teacher_steps,
+            teacher_reference=args.teacher_reference,
             command="stepdistill compare " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else None)
     return 0
 

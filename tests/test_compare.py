@@ -70,14 +70,22 @@ def _run(setup, out, **kw):
 
 
 def test_compare_end_to_end_and_resume(setup, tmp_path, monkeypatch):
+    from stepdistill.data import colored_mnist as cm
+    from stepdistill.eval.fid import FeatureStats
+    from stepdistill.eval.judges import as_uint8, default_attribute_detector
+
+    ref = tmp_path / "teacher_stats.npz"  # stands in for the teacher's own DDIM-50 statistics
+    x = as_uint8(cm.load_split("heldout", variants=1, seed=3).images[:200])
+    FeatureStats.from_features(default_attribute_detector().features(x)).save(ref)
     out = tmp_path / "cmp"
-    rows = _run(setup, out)
+    rows = _run(setup, out, teacher_reference=str(ref))
     assert [r["method"] for r in rows] == ["tiny_dmd2", "tiny_vsd"]
     for r in rows:
         for k in ROW_KEYS:
             assert k in r, k
         assert r["benchmark"] == "compare" and r["nfe"] == 1 and r["train_steps"] == 2
         assert r["fid"] == r["fid"] and r["fid"] >= 0  # finite
+        assert r["fid_teacher"] == r["fid_teacher"] and r["fid_teacher"] != r["fid"]  # the teacher-relative FID
         assert r["clip_score"] is not None and r["prompt_accuracy"] is not None
         assert r["n_samples"] == 6 and r["seeds"] == [0, 1] and len(r["per_seed"]) == 2
         folder = out / "runs" / r["method"] / "pipeline"
@@ -92,7 +100,7 @@ def test_compare_end_to_end_and_resume(setup, tmp_path, monkeypatch):
     for name in ("compare.md", "fid_vs_step.png", "fid_vs_clip.png", "samples.png", "samples.json"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     table = (out / "compare.md").read_text()
-    assert "tiny_dmd2" in table and "tiny_vsd" in table
+    assert "tiny_dmd2" in table and "tiny_vsd" in table and "FID vs teacher" in table
     sheet = json.loads((out / "samples.json").read_text())
     assert sheet["rows"] == ["tiny_dmd2", "tiny_vsd"] and len(sheet["columns"]) == 3
     from PIL import Image
@@ -107,7 +115,7 @@ def test_compare_end_to_end_and_resume(setup, tmp_path, monkeypatch):
         raise AssertionError("a finished method was trained again")
 
     monkeypatch.setattr(run_mod, "run_distillation", boom)
-    again = _run(setup, out)
+    again = _run(setup, out, teacher_reference=str(ref))
     assert [r["fid"] for r in again] == [r["fid"] for r in rows]
 
 
