@@ -83,7 +83,8 @@ def main() -> None:
         commands = sorted({r.get("command", "") for r in rows if r.get("command")})
         commits = sorted({r.get("commit", "")[:10] for r in rows if r.get("commit")})
         parts += [f"## {name}" + (f" (teacher: {teacher})" if teacher else ""), "", table(rows), ""]
-        notes = [r["notes"] for r in rows if r.get("notes")]
+        notes = [str(n) for r in rows if r.get("notes")
+                 for n in (r["notes"] if isinstance(r["notes"], list) else [r["notes"]])]
         for n in dict.fromkeys(notes):
             parts.append(f"- {n}")
         if commands:
