@@ -29,3 +29,19 @@ def _isolated_cache(tmp_path_factory):
     yield
     if prev is None:
         os.environ.pop("STEPDISTILL_CACHE", None)
+
+
+@pytest.fixture(autouse=True)
+def _sigint_handler_restored(request):
+    """A test that leaves its own SIGINT handler behind would make the trainer's Ctrl-C handling
+    (installed only over Python's default handler) silently inactive in every later test: restore
+    the handler each test found and name the test that changed it."""
+    import signal
+    import warnings
+
+    before = signal.getsignal(signal.SIGINT)
+    yield
+    after = signal.getsignal(signal.SIGINT)
+    if after is not before:
+        signal.signal(signal.SIGINT, before)
+        warnings.warn(f"{request.node.nodeid} left SIGINT handler {after!r}; restored", stacklevel=1)
