@@ -338,7 +338,7 @@ def test_ctrl_c_stops_at_a_safe_point_and_resume_continues(teacher, tmp_path, ca
     def step_then_ctrl_c(self, step):
         phase = orig(self, step)
         if step == 0:
-            os.kill(os.getpid(), signal.SIGINT)  # arrives in the middle of the run
+            signal.raise_signal(signal.SIGINT)  # in this thread, now (os.kill may be delivered to another thread later)
         return phase
 
     monkeypatch.setattr(Trainer, "train_step", step_then_ctrl_c)
