@@ -22,3 +22,24 @@ def git_commit(path: Path = ROOT, dirty_paths: tuple[str, ...] = ()) -> str:
         return sha + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+def proc_status_bytes(key: str) -> int:
+    """A memory line of this process's ``/proc/self/status`` in bytes (``VmRSS``: resident now,
+    ``VmHWM``: peak resident since start or the last :func:`reset_peak_rss`); 0 where there is none."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def reset_peak_rss() -> bool:
+    """Set ``VmHWM`` to the current RSS (``/proc/self/clear_refs`` = 5); False where the kernel
+    refuses (the peak then counts from process start: say so in the row)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False

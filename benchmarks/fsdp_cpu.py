@@ -46,7 +46,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import git_commit  # noqa: E402  (benchmarks/common.py)
+from common import git_commit, proc_status_bytes  # noqa: E402  (benchmarks/common.py)
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "fsdp_cpu.json"
@@ -63,12 +63,6 @@ ALGOS = {
 }
 
 
-def _rss_peak() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 def child(algo: str, mode: str, teacher_dir: str, out: str, steps: int, batch: int) -> None:
@@ -146,7 +140,7 @@ def child(algo: str, mode: str, teacher_dir: str, out: str, steps: int, batch: i
     save_file({k: v.detach().contiguous() for k, v in weights.items()}, str(Path(out) / f"rank{rank}.safetensors"))
     info = {"rank": rank, "world": res["accelerator"].num_processes, "step": res["step"],
             "sharding": res.get("sharding"), "step_seconds": statistics.median(times[1:]) if len(times) > 1 else None,
-            "first_step_seconds": times[0] if times else None, "peak_rss_bytes": _rss_peak(),
+            "first_step_seconds": times[0] if times else None, "peak_rss_bytes": proc_status_bytes("VmHWM"),
             "full_param_bytes": sum(p.numel() * p.element_size() for m in groups.values() for p in m.parameters()),
             **holder}
     (Path(out) / f"rank{rank}.json").write_text(json.dumps(info))

@@ -53,7 +53,7 @@ import time
 import traceback
 from pathlib import Path
 
-from common import git_commit  # noqa: E402  (benchmarks/common.py)
+from common import git_commit, proc_status_bytes, reset_peak_rss  # noqa: E402  (benchmarks/common.py)
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -256,12 +256,6 @@ ALIASES = {"distilled_decoding": "dd"}
 # measurement
 
 
-def _proc_kb(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 class Memory:
@@ -280,12 +274,8 @@ class Memory:
             torch.cuda.reset_peak_memory_stats()
             self.base = torch.cuda.memory_allocated()  # what earlier cases left (0 in a fresh process)
         else:
-            try:
-                with open("/proc/self/clear_refs", "w") as f:
-                    f.write("5")  # VmHWM := VmRSS
-            except OSError:
-                pass
-            self.base = _proc_kb("VmRSS")
+            self.peak_reset = reset_peak_rss()  # VmHWM := VmRSS (False: the peak counts from process start)
+            self.base = proc_status_bytes("VmRSS")
 
     def peak(self) -> dict:
         import torch
@@ -294,7 +284,7 @@ class Memory:
             return {"peak_memory_bytes": int(torch.cuda.max_memory_allocated() - self.base),
                     "allocated_at_start_bytes": int(self.base),
                     "peak_reserved_bytes": int(torch.cuda.max_memory_reserved())}
-        return {"peak_memory_bytes": max(0, _proc_kb("VmHWM") - self.base)}
+        return {"peak_memory_bytes": max(0, proc_status_bytes("VmHWM") - self.base), "peak_reset": self.peak_reset}
 
 
 @contextlib.contextmanager

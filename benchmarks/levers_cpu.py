@@ -46,7 +46,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import git_commit  # noqa: E402  (benchmarks/common.py)
+from common import git_commit, proc_status_bytes, reset_peak_rss  # noqa: E402  (benchmarks/common.py)
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "levers_cpu.json"
@@ -88,25 +88,10 @@ def make_teacher(tmp: Path, dtype: str = "float32", offload: bool = False):
     return t.offload_frozen_parts() if offload else t
 
 
-def _rss_now() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
-def _rss_peak() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
-def _reset_peak() -> None:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
 
 
 def child(name: str, steps: int, batch: int) -> dict:
@@ -119,8 +104,9 @@ def child(name: str, steps: int, batch: int) -> dict:
     params, tkw = CONFIGS[name]
     with tempfile.TemporaryDirectory() as tmp:
         teacher = make_teacher(Path(tmp), **tkw)
-        _reset_peak()
-        base = _rss_now()
+        if not reset_peak_rss():
+            raise SystemExit("levers_cpu needs /proc/self/clear_refs to reset the peak RSS (Linux)")
+        base = proc_status_bytes("VmRSS")
         torch.manual_seed(0)
         d = build("dmd2", teacher, {**BASE, **params})
         groups = d.trainable()
@@ -141,7 +127,7 @@ def child(name: str, steps: int, batch: int) -> dict:
             if step > 0:
                 times.append(time.perf_counter() - t0)
                 cpu.append(time.process_time() - c0)
-        peak = _rss_peak() - base
+        peak = proc_status_bytes("VmHWM") - base
         trainable = sum(p.numel() for m in groups.values() for p in m.parameters() if p.requires_grad)
     return {"config": name, "params": {**BASE, **params}, "teacher": tkw, "steps_timed": steps, "batch": batch,
             "step_seconds": round(statistics.median(times), 4),

@@ -33,7 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import git_commit  # noqa: E402  (benchmarks/common.py)
+from common import git_commit, proc_status_bytes, reset_peak_rss  # noqa: E402  (benchmarks/common.py)
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "lora_student.json"
@@ -61,19 +61,8 @@ def make_teacher_folder(root: Path) -> Path:
 
 
 # -- worker ---------------------------------------------------------------------------------------
-def _status_bytes(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise KeyError(field)
 
 
-def _reset_peak() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
 
 
 def worker(kind: str, folder: str, steps: int, batch: int) -> dict:
@@ -90,8 +79,8 @@ def worker(kind: str, folder: str, steps: int, batch: int) -> dict:
     import gc
 
     gc.collect()
-    reset = _reset_peak()
-    base_rss = _status_bytes("VmRSS")
+    reset = reset_peak_rss()
+    base_rss = proc_status_bytes("VmRSS")
     params = {"generator_timesteps": [899], "real_guidance_scale": 3.0, "update_ratio": 1}
     if kind == "lora":
         params["generator_lora"] = dict(LORA)
@@ -107,7 +96,7 @@ def worker(kind: str, folder: str, steps: int, batch: int) -> dict:
             opts[group].step()
             opts[group].zero_grad(set_to_none=False)
     seconds = time.perf_counter() - t0
-    peak = _status_bytes("VmHWM")
+    peak = proc_status_bytes("VmHWM")
     gen = algo.trainable()["generator"]
     teacher_ptrs = {p.untyped_storage().data_ptr() for p in teacher.parameters()}
     seen, state = set(), 0

@@ -40,7 +40,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import git_commit  # noqa: E402  (benchmarks/common.py)
+from common import git_commit, proc_status_bytes, reset_peak_rss  # noqa: E402  (benchmarks/common.py)
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "plan_check.json"
@@ -91,12 +91,6 @@ def run_config(name: str, folder: Path) -> dict:
             "train": {"batch_size": BATCH, "mixed_precision": "no", **train}}
 
 
-def _status(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 def child(name: str, folder: Path, steps: int) -> dict:
@@ -109,9 +103,9 @@ def child(name: str, folder: Path, steps: int) -> dict:
 
     cfg = load_config(run_config(name, folder))
     teacher = DiffusersTeacher.from_pretrained(str(folder), guidance_scale=3.0)
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    base = _status("VmRSS:")
+    if not reset_peak_rss():
+        raise SystemExit("plan_check needs /proc/self/clear_refs to reset the peak RSS (Linux)")
+    base = proc_status_bytes("VmRSS")
     torch.manual_seed(0)
     d = build(cfg.algorithm.name, teacher, cfg.algorithm.params)
     groups = d.trainable()
@@ -132,7 +126,7 @@ def child(name: str, folder: Path, steps: int) -> dict:
             if ema is not None and group == "generator":
                 ema.update(groups["generator"])
             d.zero_grad(set_to_none=True)
-    peak = _status("VmHWM:") - base
+    peak = proc_status_bytes("VmHWM") - base
     return {"config": name, "peak_rss_bytes": int(peak), "baseline_rss_bytes": int(base),
             "seconds": round(time.perf_counter() - t0, 2), "steps": steps,
             "trainable_params": {k: int(sum(p.numel() for p in m.parameters() if p.requires_grad))
