@@ -6,7 +6,6 @@ written."""
 from __future__ import annotations
 
 import pytest
-import torch
 from diffusers import DDPMScheduler
 
 from stepdistill.algorithms import build
@@ -15,14 +14,6 @@ from stepdistill.teachers.diffusion import DiffusersTeacher
 from stepdistill.testing import tiny_sd_pipeline_folder, tiny_unet2d
 
 LORA = {"rank": 4, "alpha": 8}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ import json
 import shutil
 
 import pytest
-import torch
 from diffusers import FluxPipeline
 from test_teachers_sd3_flux import flux_parts  # noqa: I001
 
@@ -16,14 +15,6 @@ from stepdistill.config import ConfigError, load_config
 from stepdistill.run import build_teacher
 from stepdistill.teachers.diffusion import TeacherLoadError
 from stepdistill.testing import tiny_sd_pipeline_folder
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _names(folder):

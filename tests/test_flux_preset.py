@@ -11,14 +11,6 @@ from test_teachers_sd3_flux import flux_parts  # noqa: I001
 from test_teachers_sdxl import PROMPTS
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def flux_dev_dir(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("flux-dev")

@@ -27,14 +27,6 @@ from stepdistill.teachers.diffusion import DiffusersTeacher
 LABELS = [7, 3, 9, 0, 5, 2, 2, 8, 6, 1]  # shuffled: both students, repeated classes
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _dit(cls, seed=0, heads=2):
     torch.manual_seed(seed)
     return cls(
