@@ -70,7 +70,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..data.sources import BatchSource, EpochPermutation, derive_seed
-from ..pipelines.distilled_decoding import dd_generate, dd_layout, dd_logits
+from ..pipelines.distilled_decoding import (
+    DDContinuousHead,
+    dd_forward,
+    dd_generate,
+    dd_layout,
+    dd_logits,
+    decode_vectors,
+)
 from ..utils import DTYPES, cache_dir
 from . import register
 from .base import Distiller, LossOutput
@@ -87,6 +94,7 @@ __all__ = [
     "flow_map",
     "teacher_token_map",
     "codebook_scale_of",
+    "teacher_span_fn",
 ]
 
 # ---------------------------------------------------------------------------------------------
@@ -422,9 +430,15 @@ class DDStudent(nn.Module):
         split_points: list[int],
         codebook_scale: float,
         rbf_tau: float | None = None,
+        head: nn.Module | None = None,
+        split_t: int | None = None,
     ):
         super().__init__()
+        if (head is None) != (split_t is None):
+            raise ValueError("the continuous head and split_t go together (both set or both None)")
         self.transformer = transformer
+        self.head = head
+        self.split_t = None if split_t is None else int(split_t)
         self.register_buffer("codes", codes.detach().clone().float(), persistent=False)
         self.num_classes = int(num_classes)
         self.grid_size = tuple(int(g) for g in grid_size)
@@ -441,8 +455,10 @@ class DDStudent(nn.Module):
         split_points: list[int],
         codebook_scale: float,
         rbf_tau: float | None = None,
+        split_t: int | None = None,
     ) -> DDStudent:
-        """Copy the teacher's LM, add ``d`` basis rows and 2 indicator rows (least-squares init)."""
+        """Copy the teacher's LM, add ``d`` basis rows and 2 indicator rows (least-squares init);
+        with ``split_t``, a new continuous head (:class:`DDContinuousHead`, zero output at init)."""
         lm = copy.deepcopy(teacher.transformer).float()
         lm.requires_grad_(True)
         layout = dd_layout(teacher.codebook_size, teacher.num_classes, codes.shape[1])
@@ -462,7 +478,11 @@ class DDStudent(nn.Module):
             else:  # the RBF feature already reads ~E[q] at a data position: start the rest at zero
                 emb[layout["basis_offset"] : layout["indicator_offset"] + 2] = 0.0
         lm.config.use_cache = False
-        return cls(lm, codes, teacher.num_classes, teacher.grid_size, split_points, codebook_scale, rbf_tau)
+        head = None
+        if split_t is not None:
+            head = DDContinuousHead(lm.get_input_embeddings().weight.shape[1], codes.shape[1])
+        return cls(lm, codes, teacher.num_classes, teacher.grid_size, split_points, codebook_scale, rbf_tau,
+                   head, split_t)
 
     @property
     def num_tokens(self) -> int:
@@ -480,9 +500,29 @@ class DDStudent(nn.Module):
     def logits(self, x: Tensor, labels: Tensor, is_data: Tensor) -> Tensor:
         return dd_logits(self.transformer, x, labels, is_data, self.layout, self.codes)
 
-    def forward(self, noise: Tensor, cond: Tensor, num_steps: int | None = None, generator=None) -> Tensor:
-        """Tokens (B, n) for noise (B, n, d) and class ids ``cond`` -- exactly the pipeline's
-        ``dd_generate`` (``generator`` is accepted for interface compatibility and unused)."""
+    def predict(self, x: Tensor, labels: Tensor, is_data: Tensor) -> tuple[Tensor, Tensor | None]:
+        """One pass: logits (B, n, V) and the continuous head's flow-space vectors (None without it)."""
+        return dd_forward(self.transformer, x, labels, is_data, self.layout, self.codes, self.head)
+
+    def generate(
+        self,
+        noise: Tensor,
+        cond: Tensor,
+        num_steps: int | None = None,
+        teacher=None,
+        teacher_steps: int = 0,
+        flow: dict | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """``(tokens (B, n), flow-space vectors (B, n, d))`` -- the pipeline's ``dd_generate``; with an
+        AR ``teacher`` and ``teacher_steps`` the teacher-involved sampler (``flow``: the teacher map's
+        ``flow_map`` settings, see :func:`teacher_span_fn`)."""
+        fn = None
+        if teacher_steps:
+            if teacher is None:
+                raise ValueError("teacher_steps > 0 needs the AR teacher (teacher=...)")
+            fn = teacher_span_fn(teacher, self.codes, flow)
+            if num_steps is None:
+                num_steps = self.num_steps
         return dd_generate(
             self.transformer,
             self.codes,
@@ -491,7 +531,57 @@ class DDStudent(nn.Module):
             self.split_points,
             self.layout,
             num_steps=num_steps,
+            head=self.head,
+            split_t=self.split_t,
+            return_vectors=True,
+            teacher_fn=fn,
+            teacher_steps=teacher_steps,
         )
+
+    def forward(self, noise: Tensor, cond: Tensor, num_steps: int | None = None, generator=None) -> Tensor:
+        """Tokens (B, n) for noise (B, n, d) and class ids ``cond`` -- exactly the pipeline's
+        ``dd_generate`` (``generator`` is accepted for interface compatibility and unused; with the
+        continuous head, its positions report the nearest code: :meth:`generate` gives the vectors)."""
+        return self.generate(noise, cond, num_steps)[0]
+
+    def decode(self, vqvae, tokens: Tensor, vectors: Tensor) -> Tensor:
+        """Images in [-1, 1]: from the vectors when the head is on (not snapped), else the tokens."""
+        if self.head is None:
+            from ..pipelines.ar_image import decode_tokens
+
+            return decode_tokens(vqvae, tokens, self.grid_size).clamp(-1, 1)
+        return decode_vectors(vqvae, vectors, self.grid_size, self.codebook_scale).clamp(-1, 1)
+
+
+def teacher_span_fn(teacher, codes: Tensor, flow: dict | None = None):
+    """``teacher_fn`` for teacher-involved sampling: ``fn(labels, prefix (B, s), noise (B, n, d),
+    stop) -> tokens (B, stop)`` -- the teacher's KV-cached raster decoding fed ``prefix`` and then
+    continued to ``stop`` with its closed-form flow map of the *same* noise (so the tokens are the
+    teacher's conditional samples given the prefix and the result is deterministic in the noise)."""
+    from ..pipelines.ar_image import ar_generate
+
+    flow = dict(flow or {})
+
+    @torch.no_grad()
+    def fn(labels: Tensor, prefix: Tensor, noise: Tensor, stop: int) -> Tensor:
+        dev = teacher.device
+        z = noise.to(dev)
+        pre = prefix.to(dev)
+        c = codes.to(dev)
+        start = pre.shape[1]
+
+        def choose(i: int, logits: Tensor) -> Tensor:
+            if i < start:
+                return pre[:, i]
+            return flow_map(z[:, i].float(), c, logits, **flow)
+
+        s = teacher.settings()
+        lab = teacher.encode_conditions(labels.to(dev))
+        return ar_generate(teacher.transformer, teacher.class_token(lab), int(stop), teacher.codebook_size, choose,
+                           null_token=teacher.null_token, guidance_scale=s["guidance_scale"],
+                           temperature=s["temperature"], top_k=s["top_k"], top_p=s["top_p"])
+
+    return fn
 
 
 # ---------------------------------------------------------------------------------------------
@@ -519,6 +609,8 @@ class DDConfig:
     rbf_tau: float | None = (
         None  # codebook-RBF input feature width (flow-space units); None = DD's linear input
     )
+    split_t: int | None = None  # continuous head from this position on (None = no head, CE everywhere)
+    regression_weight: float = 1.0  # weight of the head's L2 loss (per position, vs CE per position)
     generator_lr: float = 5e-4
     label_smoothing: float = 0.0
 
@@ -558,9 +650,13 @@ class DistilledDecoding(Distiller):
             raise ValueError(
                 f"algorithm.params.storage_dtype must be float32|float16|bfloat16, got {c.storage_dtype!r}"
             )
+        if c.split_t is not None and not 0 <= int(c.split_t) < n:
+            raise ValueError(f"algorithm.params.split_t must be None or in 0..{n - 1}, got {c.split_t}")
+        if float(c.regression_weight) < 0:
+            raise ValueError(f"algorithm.params.regression_weight must be >= 0, got {c.regression_weight}")
         self.scale = codebook_scale_of(teacher.codebook, c.codebook_scale)
         codes = (teacher.codebook.detach().float() * self.scale).cpu()
-        self.student = DDStudent.from_teacher(teacher, codes, sp, self.scale, c.rbf_tau)
+        self.student = DDStudent.from_teacher(teacher, codes, sp, self.scale, c.rbf_tau, c.split_t)
         self._pairs: dict[str, Tensor] | None = None  # the whole set, only when a tool asks (ensure_pairs)
         self._pair_set: PairSet | None = None
         self._pairs_ready = False
@@ -665,18 +761,38 @@ class DistilledDecoding(Distiller):
         pos = torch.arange(n, device=device)
         is_data = pos[None, :] < split[:, None]  # (B, n)
         x = torch.where(is_data[..., None], self.student.codes[tokens], noise)
-        logits = self.student.logits(x, labels, is_data).float()
+        logits, cont = self.student.predict(x, labels, is_data)
+        logits = logits.float()
         ce = F.cross_entropy(
             logits.reshape(-1, logits.shape[-1]),
             tokens.reshape(-1),
             reduction="none",
             label_smoothing=self.config.label_smoothing,
         ).reshape(b, n)
-        target = (~is_data).float()
-        loss = (ce * target).sum() / target.sum().clamp_min(1.0)
+        target = ~is_data  # the predicted positions (>= the split point)
+        count = target.float().sum().clamp_min(1.0)
+        st = self.student.split_t
+        if cont is None:
+            ce_mask, reg_mask = target, None
+        else:
+            ce_mask = target & (pos[None, :] < st)
+            reg_mask = target & (pos[None, :] >= st)
+        ce_sum = (ce * ce_mask.float()).sum()
+        loss = ce_sum / count
+        logs = {}
         with torch.no_grad():
-            acc = ((logits.argmax(-1) == tokens).float() * target).sum() / target.sum().clamp_min(1.0)
-        return LossOutput(loss, {"ce": loss.detach(), "token_acc": acc.detach()})
+            hit = (logits.argmax(-1) == tokens).float()
+            logs["token_acc"] = (hit * ce_mask.float()).sum() / ce_mask.float().sum().clamp_min(1.0)
+        if reg_mask is not None:
+            # L2 in flow space per position (mean over the d coordinates), averaged with the CE terms
+            reg = (cont.float() - self.student.codes[tokens]).pow(2).mean(-1)
+            reg_sum = (reg * reg_mask.float()).sum()
+            loss = (ce_sum + float(self.config.regression_weight) * reg_sum) / count
+            logs["reg"] = (reg_sum / reg_mask.float().sum().clamp_min(1.0)).detach()
+            logs["ce"] = (ce_sum / ce_mask.float().sum().clamp_min(1.0)).detach()
+        else:
+            logs["ce"] = loss.detach()
+        return LossOutput(loss, logs)
 
     def generator_for_export(self) -> DDStudent:
         return self.student
@@ -697,7 +813,8 @@ class DistilledDecoding(Distiller):
         was = self.student.training
         self.student.eval()
         with torch.no_grad():
-            img = self.teacher.decode(self.student(z.to(device), labels.to(device)))
+            tokens, vectors = self.student.generate(z.to(device), labels.to(device))
+            img = self.student.decode(self.teacher.vqvae, tokens, vectors)
         self.student.train(was)
         return img
 

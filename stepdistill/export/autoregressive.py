@@ -110,6 +110,7 @@ def export_dd_pipeline(
     steps = int(num_inference_steps)
     if not 1 <= steps <= len(student.split_points):
         raise ExportError(f"num_inference_steps must be in 1..{len(student.split_points)}, got {steps}")
+    use_ema_state, head = DistilledDecodingPipeline.split_student_state(student, use_ema_state)  # DD continuous head
     net = prepare_network(student.transformer, use_ema_state, "the DD student", prefixes=("transformer.",),
                           optional=("rotary_emb.inv_freq",))
     out = Path(output_dir).expanduser().absolute()
@@ -143,6 +144,7 @@ def export_dd_pipeline(
             num_inference_steps=steps,
             rbf_tau=getattr(student, "rbf_tau", None),
         )
+        pipe.set_continuous_head(head, getattr(student, "split_t", None))
         pipe.save_pretrained(str(tmp), safe_serialization=True)  # also writes distilled_decoding.py
         write_metadata(tmp, meta, card)
     return out
