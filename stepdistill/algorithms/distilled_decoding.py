@@ -351,27 +351,42 @@ class PairSet:
         return out
 
 
-    def rows(self, index: Tensor | list[int], num_pairs: int) -> dict[str, Tensor]:
-        """Rows ``index`` of the first ``num_pairs`` pairs, read from their shards alone (memory-mapped
-        slices; a few files kept open): ``noise`` float32, ``tokens`` / ``labels`` int64."""
+    #: shard files :meth:`rows` keeps open (least recently used first out)
+    max_open_shards: int = 16
+
+    def _shard_handle(self, s: int):
         from safetensors import safe_open
 
         handles = self._handles
+        f = handles.pop(s, None)
+        if f is None:
+            if not self.shard_path(s).exists():
+                raise FileNotFoundError(f"pair set {self.folder} is missing shard {s}")
+            while len(handles) >= max(1, int(self.max_open_shards)):
+                handles.pop(next(iter(handles)))  # the least recently used
+            f = safe_open(str(self.shard_path(s)), framework="pt", device="cpu")
+        handles[s] = f  # (re)inserted last = most recently used
+        return f
+
+    def rows(self, index: Tensor | list[int], num_pairs: int) -> dict[str, Tensor]:
+        """Rows ``index`` of the first ``num_pairs`` pairs, read from their shards alone (memory-mapped
+        row slices; at most ``max_open_shards`` files kept open, least recently used closed first), in
+        the order given: ``noise`` float32, ``tokens`` / ``labels`` int64.  Memory: the rows asked
+        for, never a whole shard or set."""
         idx = [int(i) for i in (index.tolist() if isinstance(index, Tensor) else index)]
         if any(not 0 <= i < num_pairs for i in idx):
             raise IndexError(f"pair rows must lie in [0, {num_pairs})")
-        parts: dict[str, list[Tensor]] = {"noise": [], "tokens": [], "labels": []}
-        for r in idx:
+        by_shard: dict[int, list[tuple[int, int]]] = {}
+        for pos, r in enumerate(idx):
             s, j = divmod(r, self.shard_size)
-            f = handles.get(s)
-            if f is None:
-                if not self.shard_path(s).exists():
-                    raise FileNotFoundError(f"pair set {self.folder} is missing shard {s}")
-                if len(handles) >= 16:
-                    handles.pop(next(iter(handles)))
-                f = handles[s] = safe_open(str(self.shard_path(s)), framework="pt", device="cpu")
+            by_shard.setdefault(s, []).append((pos, j))
+        parts: dict[str, list] = {"noise": [None] * len(idx), "tokens": [None] * len(idx), "labels": [None] * len(idx)}
+        for s, items in by_shard.items():
+            f = self._shard_handle(s)
             for k in parts:
-                parts[k].append(f.get_slice(k)[j : j + 1])
+                sl = f.get_slice(k)
+                for pos, j in items:
+                    parts[k][pos] = sl[j : j + 1]
         return {"noise": torch.cat(parts["noise"]).float(), "tokens": torch.cat(parts["tokens"]).long(),
                 "labels": torch.cat(parts["labels"]).long()}
 
