@@ -451,7 +451,6 @@ class VARVQVAE(ModelMixin, ConfigMixin):
         """Reconstruction through the multi-scale quantiser (inference; no losses)."""
         return self.fhat_to_img(self.quantize.f_to_idxBl_or_fhat(self.img_to_f(x), to_fhat=True)[-1])
 
-    # Copied from stepdistill.pipelines.llamagen_gpt.LlamaGenGPT.save_pretrained with llamagen_gpt->var_model
     def save_pretrained(self, save_directory, *args, **kwargs):
         out = super().save_pretrained(save_directory, *args, **kwargs)
         _copy_this_file(save_directory)

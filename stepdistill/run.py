@@ -189,7 +189,8 @@ AR_TEACHER_PARAMS = ("preset", "temperature", "top_k", "top_p")
 
 
 def build_ar_teacher(tcfg: TeacherConfig, device: torch.device | str = "cpu"):
-    """``teacher.kind: ar``: an ``ARImagePipeline`` folder (``teacher.path``) or the embedded digits
+    """``teacher.kind: ar``: an ``ARImagePipeline`` folder or a VAR ``VARPipeline`` folder (``teacher.path``; a
+    :class:`~stepdistill.teachers.var.VARTeacher`), or the embedded digits
     AR teacher (``teacher.params.preset``, default ``digits-ar/teacher``, trained and cached on first
     use).  ``teacher.guidance_scale`` and ``teacher.params.{temperature, top_k, top_p}`` set the
     sampling distribution the teacher represents (and Distilled Decoding distils)."""
@@ -204,6 +205,12 @@ def build_ar_teacher(tcfg: TeacherConfig, device: torch.device | str = "cpu"):
         )
     dtype = _dtype(tcfg)
     path = tcfg.path or str(ensure_embedded_teacher(params.get("preset", "digits-ar/teacher")))
+    from .teachers.var import VARTeacher, is_var_folder
+
+    if is_var_folder(path):  # a VAR (next-scale) teacher folder (python -m stepdistill.teachers.convert_var)
+        return VARTeacher.from_pretrained(path, dtype=dtype, guidance_scale=tcfg.guidance_scale,
+                                          temperature=params.get("temperature"), top_k=params.get("top_k"),
+                                          top_p=params.get("top_p")).to(device)
     teacher = ARTeacher.from_pretrained(path, dtype=dtype, guidance_scale=tcfg.guidance_scale,
                                         temperature=params.get("temperature"), top_k=params.get("top_k"),
                                         top_p=params.get("top_p"))

@@ -556,8 +556,12 @@ def test_teacher_layout_and_token_map(teacher):
     labels = torch.tensor([0, 1, 4])
     codes = teacher.codebook.detach().float()
     flow = {"num_steps": 6, "dtype": torch.float64}
-    tokens = var_token_map(teacher, noise, labels, codes, flow, max_rows=7)  # chunking across rows
-    assert torch.equal(tokens, teacher.token_map(noise, labels, codes, flow))
+
+    def fmap(z, lg):
+        return flow_map(z, codes, lg, **flow)
+
+    tokens = var_token_map(teacher, noise, labels, fmap, max_rows=7)  # chunking across rows
+    assert torch.equal(tokens, teacher.token_map(noise, labels, fmap))
     for si, (a, e, _) in enumerate(teacher.scale_layout):  # each scale: flow map of the uncached p
         p = teacher.logits(tokens[:, :a], labels)
         assert torch.equal(tokens[:, a:e], flow_map(noise[:, a:e], codes, p, **flow))
@@ -618,8 +622,10 @@ def test_dd_trains_on_teacher_pairs_loss_falls_and_exports_for_plain_diffusers(t
     g = torch.Generator().manual_seed(5)
     noise = torch.randn(n, L, CVAE, generator=g)
     labels = torch.arange(n) % NC
-    flow = {"num_steps": 6, "dtype": torch.float32}
-    tokens = var_token_map(teacher, noise, labels, gen.codes, flow)
+    from stepdistill.algorithms.distilled_decoding import flow_map
+
+    tokens = var_token_map(teacher, noise, labels, lambda z, lg: flow_map(z, gen.codes, lg, num_steps=6,
+                                                                           dtype=torch.float32))
     pairs = {"noise": noise, "tokens": tokens, "labels": labels}
 
     def eval_loss():
@@ -697,3 +703,14 @@ def test_var_preset_loads_dry_runs_and_states_the_published_numbers(capsys):
     assert "Memory plan" in text
     assert main(["train", "var/dd", "--dry-run"]) == 0
     assert "split_points" in capsys.readouterr().out
+
+
+def test_run_builds_a_var_teacher_from_its_folder(teacher, tmp_path):
+    from stepdistill.config import TeacherConfig
+    from stepdistill.run import build_teacher
+
+    folder = teacher.save_pretrained(tmp_path / "t")
+    built = build_teacher(TeacherConfig(kind="ar", path=str(folder), guidance_scale=1.5,
+                                        params={"top_k": 7, "top_p": 0.9}))
+    assert isinstance(built, VARTeacher) and built.digest() == teacher.digest()
+    assert built.settings() == {"guidance_scale": 1.5, "temperature": 1.0, "top_k": 7, "top_p": 0.9}

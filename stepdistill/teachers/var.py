@@ -11,8 +11,8 @@ next-*scale* teacher Distilled Decoding reports on (VAR-d16, 10 scale steps, FID
   flat ``(begin, end, n_k)`` of every scale and ``token_order = "scales"``;
 * ``generate`` runs VAR's KV-cached scale-wise decoding; ``choose(k, logits)`` is called once per
   *scale* with the guided, filtered logits (B, n_k^2, V) and returns (B, n_k^2) tokens, so a
-  per-token map (Distilled Decoding's ``flow_map``, which broadcasts over the extra token axis) is
-  applied to all tokens of a scale independently;
+  per-token map (Distilled Decoding's ``flow_map``, which also broadcasts over the extra token axis)
+  is applied to all tokens of a scale independently (:meth:`VARTeacher.token_map`);
 * ``codebook`` is ``vqvae.quantize.embedding.weight`` (V, Cvae), what the decoder consumes (through
   ``f_hat``: bicubic-upsampled, phi-convolved, accumulated over the scales), and ``decode(tokens)``
   is that accumulation followed by the decoder;
@@ -280,9 +280,9 @@ class VARTeacher(nn.Module):
         tokens = self.generate(labels, choose, **settings)
         return self.decode(tokens) if decode else tokens
 
-    def token_map(self, noise: Tensor, labels, codes: Tensor, flow: dict | None = None, **settings: Any) -> Tensor:
+    def token_map(self, noise: Tensor, labels, token_fn, **settings: Any) -> Tensor:
         """Distilled Decoding's noise -> tokens map over scales (:func:`var_token_map`)."""
-        return var_token_map(self, noise, labels, codes, flow, **settings)
+        return var_token_map(self, noise, labels, token_fn, **settings)
 
     # -- tokenizer ----------------------------------------------------------------------------------
     def decode(self, tokens: Tensor) -> Tensor:
@@ -331,31 +331,30 @@ class VARTeacher(nn.Module):
 # Distilled Decoding over scales (the pieces DistilledDecoding needs for a VAR teacher)
 
 
-def var_token_map(teacher: VARTeacher, noise: Tensor, labels, codes: Tensor, flow: dict | None = None,
-                  max_rows: int = 4096, **settings: Any) -> Tensor:
+def var_token_map(teacher: VARTeacher, noise: Tensor, labels, token_fn, max_rows: int = 4096,
+                  **settings: Any) -> Tensor:
     """DD's noise -> tokens map over scales: run the teacher scale by scale; token ``i`` of scale ``k``
-    is ``flow_map(noise[:, i] | p_k,i)`` with ``p_k,i`` the teacher's guided, filtered distribution of
-    that token given the scales before ``k`` (the tokens of one scale are independent given them).
-    ``noise`` (B, num_tokens, d) and ``codes`` (V, d) are in flow space; the (B * n_k^2) rows of a
-    scale go through ``flow_map`` in chunks of ``max_rows`` (its (rows, V, d) tensor bounds memory)."""
-    from ..algorithms.distilled_decoding import flow_map
+    is ``token_fn(noise[:, i], logits_k,i)`` with ``logits_k,i`` the teacher's guided, filtered logits
+    of that token given the scales before ``k`` (the tokens of one scale are independent given them).
 
-    flow = dict(flow or {})
+    ``token_fn(z (rows, d), logits (rows, V)) -> (rows,)`` is the per-token map -- Distilled Decoding's
+    ``lambda z, lg: flow_map(z, codes, lg, **flow)`` (passed in: teachers import nothing from the
+    algorithms).  The (B * n_k^2) rows of a scale go through it in chunks of ``max_rows`` (the flow
+    map's (rows, V, d) tensors bound the memory)."""
     noise = noise.to(teacher.device)
-    codes = codes.to(teacher.device)
     layout = teacher.scale_layout
+    if tuple(noise.shape[1:2]) != (teacher.num_tokens,):
+        raise ValueError(f"noise must have shape (B, {teacher.num_tokens}, d), got {tuple(noise.shape)}")
 
     def choose(si: int, logits: Tensor) -> Tensor:
         a, e, _ = layout[si]
         b, n, v = logits.shape
         z = noise[:, a:e].reshape(b * n, -1)
         lg = logits.reshape(b * n, v)
-        out = torch.cat([flow_map(z[i : i + max_rows], codes, lg[i : i + max_rows], **flow)
-                         for i in range(0, b * n, max_rows)])
+        out = torch.cat([token_fn(z[i : i + max_rows], lg[i : i + max_rows]) for i in range(0, b * n, max_rows)])
         return out.reshape(b, n)
 
     return teacher.generate(labels, choose, **settings)
-
 
 
 class VARDDGenerator(nn.Module):
