@@ -546,8 +546,10 @@ class _AdaLNBeforeHead(nn.Module):
         self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(d, 2 * c))
 
     def forward(self, x, cond):
-        scale, shift = self.ada_lin(cond).view(-1, 1, 2, self.C).unbind(2)
-        return self.ln_wo_grad(x) * (scale + 1) + shift
+        """In float32 (VAR: ``head_nm(h.float(), cond)``), whatever the weights' dtype."""
+        lin = self.ada_lin[1]
+        scale, shift = self.ada_lin(cond.to(lin.weight.dtype)).float().view(-1, 1, 2, self.C).unbind(2)
+        return self.ln_wo_grad(x.float()) * (scale + 1) + shift
 
 
 class _SharedAdaLin(nn.Linear):
@@ -655,7 +657,8 @@ class VARTransformer(ModelMixin, ConfigMixin):
         return self.shared_ada_lin(cond_bd)
 
     def get_logits(self, h: torch.Tensor, cond_bd: torch.Tensor) -> torch.Tensor:
-        return self.head(self.head_nm(h.float(), cond_bd.float()).float()).float()
+        x = self.head_nm(h.float(), cond_bd)
+        return self.head(x.to(self.head.weight.dtype)).float()
 
     def drop_classes(self, labels: torch.Tensor, generator=None) -> torch.Tensor:
         gdev = generator.device if generator is not None else labels.device
@@ -914,8 +917,8 @@ class VARDDStudent(ModelMixin, ConfigMixin):
             extra = self.layerwise_n_d_embed[i](nd) if self.layerwise_n_d_embed is not None else nd
             h = blk(h, ada, mask, n_d_emb=extra)
         nd_out = self.layerwise_n_d_embed[-1](nd) if self.layerwise_n_d_embed is not None else nd
-        h = h.float() + nd_out.float()
-        return (self.head(self.head_nm(h, cond.float()).float()).float())[:, 1:]
+        h = self.head_nm(h.float() + nd_out.float(), cond)
+        return self.head(h.to(self.head.weight.dtype)).float()[:, 1:]
 
     def forward(self, noise: torch.Tensor, labels: torch.Tensor, codes: torch.Tensor, num_steps: int | None = None):
         """Tokens (B, L) for noise (B, L, Cvae) and class ids; ``codes`` (V, Cvae) in flow space."""

@@ -714,3 +714,14 @@ def test_run_builds_a_var_teacher_from_its_folder(teacher, tmp_path):
                                         params={"top_k": 7, "top_p": 0.9}))
     assert isinstance(built, VARTeacher) and built.digest() == teacher.digest()
     assert built.settings() == {"guidance_scale": 1.5, "temperature": 1.0, "top_k": 7, "top_p": 0.9}
+
+
+def test_bfloat16_teacher_samples(vae_state, var_state):
+    t = convert_var(vae_state, var_state, patch_nums=PNS, top_k=10)
+    t.transformer.to(torch.bfloat16)
+    tokens = t.sample(class_labels=[0, 1], generator=torch.Generator().manual_seed(0))
+    assert tokens.shape == (2, L) and int(tokens.max()) < V
+    gen = VARDDGenerator.from_teacher(t, [0, 1])
+    gen.transformer.to(torch.bfloat16)
+    with torch.no_grad():
+        assert gen(torch.randn(2, L, CVAE), torch.tensor([0, 1]), num_steps=2).shape == (2, L)
