@@ -609,6 +609,10 @@ def test_dd_student_init_mask_and_two_step_reuse(teacher):
         xin[:, :n] = gen.codes[one[:, :n]]
         manual = st.logits(xin, labels, torch.arange(L)[None].expand(2, -1) < n).argmax(-1)
     assert torch.equal(two[:, :n], one[:, :n]) and torch.equal(two[:, n:], manual[:, n:])
+    tok, vec = gen.generate(x, labels, num_steps=2)  # DDStudent's generate / predict / decode shapes
+    assert torch.equal(tok, two) and torch.equal(vec, gen.codes[two])
+    assert gen.predict(x, labels, is_data)[1] is None
+    assert torch.equal(gen.decode(teacher.vqvae, tok, vec), teacher.decode(tok))
     with pytest.raises(ValueError, match="num_inference_steps"):
         gen(x, labels, num_steps=3)
     with pytest.raises(ValueError, match="split_points"):

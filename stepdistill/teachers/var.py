@@ -398,13 +398,31 @@ class VARDDGenerator(nn.Module):
         ends = torch.tensor([0] + [e for _, e, _ in self.transformer.layout], device=split.device)
         return ends[split.long()]
 
+    #: no continuous head (DD's ``final_layer_conti``) yet: every scale is predicted by the logits head
+    split_t = None
+    head = None
+
     def logits(self, x: Tensor, labels: Tensor, is_data: Tensor) -> Tensor:
         return self.transformer.logits(x, labels, is_data)
+
+    def predict(self, x: Tensor, labels: Tensor, is_data: Tensor) -> tuple[Tensor, None]:
+        """``DDStudent.predict``'s shape: logits (B, L, V) and no continuous-head vectors."""
+        return self.logits(x, labels, is_data), None
 
     def forward(self, noise: Tensor, cond: Tensor, num_steps: int | None = None, generator=None) -> Tensor:
         from ..pipelines.var_model import var_dd_generate
 
         return var_dd_generate(self.transformer, self.codes, noise.float(), cond.long(), num_steps)
+
+    def generate(self, noise: Tensor, cond: Tensor, num_steps: int | None = None, **_: Any) -> tuple[Tensor, Tensor]:
+        """``DDStudent.generate``'s shape: ``(tokens (B, L), their flow-space codes (B, L, d))``
+        (teacher-involved sampling is not implemented for VAR)."""
+        tokens = self(noise, cond, num_steps)
+        return tokens, self.codes[tokens]
+
+    def decode(self, vqvae, tokens: Tensor, vectors: Tensor | None = None) -> Tensor:
+        """Images in [-1, 1] through ``f_hat`` (the tokens; no continuous head)."""
+        return vqvae.decode_tokens(tokens)
 
 
 def var_dd_loss(generator: VARDDGenerator, noise: Tensor, tokens: Tensor, labels: Tensor,
