@@ -207,7 +207,9 @@ def load_pipeline(pipeline_cls, folder: str | Path, **kwargs):
             raise ValueError(f"{folder}: component {name!r} is {entry}; only diffusers / transformers / LlamaGen load here")
     params = inspect.signature(pipeline_cls.__init__).parameters
     config = {k: v for k, v in index.items() if k in params and k not in components}
-    return pipeline_cls(**components, **config, **kwargs)
+    pipe = pipeline_cls(**components, **config, **kwargs)
+    pipe.register_to_config(_name_or_path=str(folder))  # where a DD continuous head is read from
+    return pipe
 
 
 @torch.no_grad()
