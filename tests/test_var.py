@@ -644,6 +644,11 @@ def test_dd_trains_on_teacher_pairs_loss_falls_and_exports_for_plain_diffusers(t
     assert all(not p.requires_grad for p in teacher.parameters())
     gen.eval()
     folder = export_var_dd(gen, teacher, tmp_path / "dd", num_inference_steps=2)
+    with pytest.raises(FileExistsError):
+        export_var_dd(gen, teacher, folder)
+    ema = {k: v + 1.0 if k == "transformer.head.bias" else v for k, v in gen.state_dict().items()}
+    ema_folder = export_var_dd(gen, teacher, tmp_path / "ema", use_ema_state=ema)
+    assert torch.equal(VARDDStudent.from_pretrained(str(ema_folder / "transformer")).head.bias, gen.transformer.head.bias + 1)
     teacher_folder = teacher.save_pretrained(tmp_path / "teacher")
     for f in (folder, teacher_folder):
         index = json.loads((f / "model_index.json").read_text())

@@ -470,16 +470,25 @@ def train_var_dd(generator: VARDDGenerator, pairs: dict[str, Tensor], steps: int
 
 
 def export_var_dd(generator: VARDDGenerator, teacher: VARTeacher, output_dir: str | Path,
-                  num_inference_steps: int = 1) -> Path:
+                  num_inference_steps: int = 1, use_ema_state: dict | None = None, overwrite: bool = False) -> Path:
     """A self-contained ``VARDDPipeline`` folder (teacher's VQVAE + the student; ``var_model.py`` at the
     root and in both component folders): ``DiffusionPipeline.from_pretrained(folder,
-    trust_remote_code=True)`` reproduces ``generator(noise, labels, num_steps)``."""
+    trust_remote_code=True)`` reproduces ``generator(noise, labels, num_steps)``.
+
+    ``use_ema_state``: the generator's EMA ``state_dict()`` (``transformer.``-prefixed keys), exported
+    instead of the live weights; an existing non-empty ``output_dir`` is refused unless ``overwrite``."""
     import copy
 
     steps = int(num_inference_steps)
     if not 1 <= steps <= generator.num_steps:
         raise ValueError(f"num_inference_steps must be in 1..{generator.num_steps}, got {steps}")
+    out = Path(output_dir)
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out} exists and is not empty; pass overwrite=True")
     student = copy.deepcopy(generator.transformer).float().eval()
+    if use_ema_state is not None:
+        state = {k[len("transformer."):] if k.startswith("transformer.") else k: v for k, v in use_ema_state.items()}
+        student.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
     pipe = VARDDPipeline(vqvae=copy.deepcopy(teacher.vqvae).float().eval(), transformer=student,
                          num_inference_steps=steps)
     pipe.save_pretrained(str(output_dir), safe_serialization=True)
