@@ -5,6 +5,8 @@ token) against Distilled Decoding students sampling all tokens in one or two pas
     python benchmarks/digits_ar_dd.py --teacher-only
     python benchmarks/digits_ar_dd.py --reuse                  # re-score the last run (no training)
     python benchmarks/digits_ar_dd.py --override train.max_steps=1000 --num-images 500
+    python benchmarks/digits_ar_dd.py --work-dir runs/bench-digits-ar-dd-head \
+        --override algorithm.params.split_t=8              # with DD's continuous head (rows "dd-head")
 
 Rows (DESIGN.md §8) go to benchmarks/results/digits_ar_dd.json; BENCHMARKS.md is regenerated.
 
@@ -12,12 +14,18 @@ Rows (DESIGN.md §8) go to benchmarks/results/digits_ar_dd.json; BENCHMARKS.md i
 * ``teacher-ar-flowmap``: the teacher driven by DD's deterministic noise -> token map (the pair
   generator), to show the map reproduces the teacher's distribution;
 * ``dd`` with ``nfe`` 1 and 2: the student (one model; two-step = second pass from split point 8),
-  scored through the exported ``DistilledDecodingPipeline`` folder's weights.
+  scored through the exported ``DistilledDecodingPipeline`` folder's weights; ``dd-head`` the same
+  with DD's continuous head (``algorithm.params.split_t`` set: positions ``>= split_t`` regressed
+  and decoded from the head's unsnapped vectors);
+* ``dd-teacher`` / ``dd-head-teacher`` with ``nfe = 2 + k``: teacher-involved sampling
+  (``--teacher-steps``, default 2 and 4: the teacher's flow map regenerates the ``k`` tokens before
+  split point 8, then the student's second pass).
 
 Speed is measured on one CPU thread by default (``--threads``), end to end (noise/draws, LM passes,
 VQ decoding), with the methods *interleaved* (so load from other processes hits them alike): per-image
 latency at batch 1 (the paper's "time per image"; ``speedup`` = teacher latency / student latency)
-and throughput at batch 250 (``images_per_s``; ``speedup_throughput``).  At large batch on a CPU the
+and throughput at each ``--throughput-batch`` (default 64 and 250: ``images_per_s_by_batch``,
+``speedup_throughput_by_batch``; ``images_per_s`` / ``speedup_throughput`` are the largest batch's).  At large batch on a CPU the
 teacher's KV-cached steps are compute-bound, so the throughput speed-up is far below the token count.
 """
 
@@ -48,9 +56,9 @@ def gens_for(batch: int, offset: int = 1000) -> list[torch.Generator]:
     return [torch.Generator().manual_seed(offset + i) for i in range(batch)]
 
 
-def interleaved_times(fns: dict, batch: int, reps: dict) -> dict:
+def interleaved_times(fns: dict, batch: int, reps: dict, spread: bool = False) -> dict:
     """Median seconds per call of each ``fn(labels, generators)`` at ``batch``; the methods take
-    turns (one call each per round) after one warm-up call each."""
+    turns (one call each per round) after one warm-up call each.  ``spread``: ``(median, [q1, q3])``."""
     labels = torch.arange(batch) % 10
     times: dict = {k: [] for k in fns}
     with torch.no_grad():
@@ -64,7 +72,16 @@ def interleaved_times(fns: dict, batch: int, reps: dict) -> dict:
                 t0 = time.perf_counter()
                 fn(labels, g)
                 times[k].append(time.perf_counter() - t0)
+    if spread:
+        return {k: (statistics.median(v), _quartiles(v)) for k, v in times.items()}
     return {k: statistics.median(v) for k, v in times.items()}
+
+
+def _quartiles(v: list) -> list:
+    if len(v) < 4:
+        return [min(v), max(v)]
+    q = statistics.quantiles(v, n=4)
+    return [q[0], q[2]]
 
 
 def quality(fn, n: int, seed: int = 0) -> dict:
@@ -93,16 +110,20 @@ def main(argv=None) -> int:
     p.add_argument("--reuse", action="store_true", help="score the existing run's pipeline (no training)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--latency-reps", type=int, default=30)
-    p.add_argument("--throughput-batch", type=int, default=250)
+    p.add_argument("--throughput-batch", default="64,250", help="comma-separated batch sizes")
+    p.add_argument("--teacher-steps", default="2,4", help="teacher-involved sampling: comma-separated k (empty: none)")
     p.add_argument("--throughput-reps", type=int, default=3)
     p.add_argument("--curve-every", type=int, default=1000)
     p.add_argument("--curve-images", type=int, default=500)
+    p.add_argument("--results-name", default=NAME, help="rows go to benchmarks/results/<name>.json")
     args = p.parse_args(argv)
+    thr_batches = [int(b) for b in str(args.throughput_batch).split(",") if b.strip()]
+    teacher_ks = [int(k) for k in str(args.teacher_steps).split(",") if k.strip()]
     torch.set_num_threads(args.threads)
     command = "python benchmarks/digits_ar_dd.py " + " ".join(argv if argv is not None else sys.argv[1:])
     commit = git_commit()
     RESULTS.mkdir(parents=True, exist_ok=True)
-    out_path = RESULTS / f"{NAME}.json"
+    out_path = RESULTS / f"{args.results_name}.json"
 
     from stepdistill.algorithms.distilled_decoding import DDStudent, DistilledDecoding, teacher_token_map
     from stepdistill.config import load_config
@@ -143,18 +164,25 @@ def main(argv=None) -> int:
     print(json.dumps(teacher_row), flush=True)
     if args.teacher_only:
         t = interleaved_times({"t": teacher_fn}, 1, {"t": args.latency_reps})["t"]
-        tb = interleaved_times({"t": teacher_fn}, args.throughput_batch, {"t": args.throughput_reps})["t"]
-        teacher_row.update(latency_ms=round(1000 * t, 3), images_per_s=round(args.throughput_batch / tb, 1))
+        ips = {b: round(b / interleaved_times({"t": teacher_fn}, b, {"t": args.throughput_reps})["t"], 1)
+               for b in thr_batches}
+        teacher_row.update(latency_ms=round(1000 * t, 3), images_per_s=ips[max(ips)],
+                           images_per_s_by_batch={str(b): v for b, v in ips.items()})
         _write(out_path, [teacher_row])
         return 0
 
     # -- DD: train (pairs timed separately) or reuse the last run -----------------------------------
-    def student_fn(s, k):
+    def student_fn(s, k, teacher_steps=0):
         def fn(labels, gens):
             noise = torch.stack([torch.randn(n_tok, d_emb, generator=g) for g in gens])
-            return teacher.decode(s(noise, labels, num_steps=k))
+            tok, vec = s.generate(noise, labels, num_steps=k, teacher=teacher if teacher_steps else None,
+                                  teacher_steps=teacher_steps, flow=flow_kwargs)
+            return s.decode(teacher.vqvae, tok, vec)
 
         return fn
+
+    head_on = cfg.algorithm.params.get("split_t") is not None
+    dd_method = "dd-head" if head_on else "dd"
 
     pipe_dir = work / "dd" / "pipeline"
     old_rows = (
@@ -165,12 +193,13 @@ def main(argv=None) -> int:
     if args.reuse:
         if not (pipe_dir / "model_index.json").exists():
             raise SystemExit(f"--reuse: no pipeline at {pipe_dir}; run without --reuse first")
-        prev = old_rows.get(("dd", 1), {})
+        prev = old_rows.get((dd_method, 1), {})
         for k in ("pair_seconds", "pairs_cached", "train_seconds"):
             timer[k] = prev.get(k)
         for k in (1, 2):
-            curve[k] = old_rows.get(("dd", k), {}).get("curve", [])
+            curve[k] = old_rows.get((dd_method, k), {}).get("curve", [])
         d = DistilledDecoding(teacher, _dd_config(cfg))
+        flow_kwargs = d.flow_kwargs
     else:
         orig = DistilledDecoding.ensure_pairs
 
@@ -185,6 +214,7 @@ def main(argv=None) -> int:
             return out
 
         DistilledDecoding.ensure_pairs = timed_ensure
+        flow_kwargs = DistilledDecoding(teacher, _dd_config(cfg)).flow_kwargs
 
         def eval_fn(step, distiller):
             out = {}
@@ -212,6 +242,8 @@ def main(argv=None) -> int:
         list(pipe.config.split_points),
         pipe.config.codebook_scale,
         pipe.config.get("rbf_tau"),
+        pipe.continuous_head,
+        pipe.config.get("split_t"),
     ).eval()
     z = torch.randn(32, n_tok, d_emb, generator=torch.Generator().manual_seed(5))
     lab = torch.arange(32) % 10
@@ -248,15 +280,22 @@ def main(argv=None) -> int:
     with torch.no_grad():
         ref = torch.cat([d.teacher_tokens(zh[i : i + 250], lh[i : i + 250]) for i in range(0, 1000, 250)])
     dd_rows = []
-    for k in range(1, student.num_steps + 1):
+    variants = [(k, 0) for k in range(1, student.num_steps + 1)]
+    if student.num_steps >= 2:
+        variants += [(2, t) for t in teacher_ks if 0 < t <= student.split_points[1]]
+    for k, ts in variants:
         with torch.no_grad():
-            tok = student(zh, lh, num_steps=k)
+            tok = student.generate(zh, lh, num_steps=k, teacher=teacher if ts else None, teacher_steps=ts,
+                                   flow=d.flow_kwargs)[0]
         dd_rows.append(
             {
                 **base,
-                "method": "dd",
-                "nfe": k,
-                **quality(student_fn(student, k), args.num_images),
+                "method": dd_method + ("-teacher" if ts else ""),
+                "nfe": k + ts,
+                "teacher_steps": ts,
+                "split_t": student.split_t,
+                "regression_weight": d.config.regression_weight if head_on else None,
+                **quality(student_fn(student, k, ts), args.num_images),
                 "train_steps": cfg.train.max_steps,
                 "train_seconds": timer.get("train_seconds"),
                 "pair_seconds": timer.get("pair_seconds"),
@@ -267,13 +306,16 @@ def main(argv=None) -> int:
                 "token_agreement_with_teacher_map": round(float((tok == ref).float().mean()), 4),
                 "sequence_agreement_with_teacher_map": round(float((tok == ref).all(-1).float().mean()), 4),
                 "pipeline_equals_student": bool(same),
-                "curve": curve.get(k, []),
+                "curve": curve.get(k, []) if not ts else [],
             }
         )
 
     # -- speed, interleaved ----------------------------------------------------------------------------
+    def key_of(r):
+        return f"dd{r['nfe']}t{r['teacher_steps']}"
+
     fns = {"teacher": teacher_fn, "flowmap": flowmap_fn}
-    fns.update({f"dd{k}": student_fn(student, k) for k in range(1, student.num_steps + 1)})
+    fns.update({key_of(r): student_fn(student, r["nfe"] - r["teacher_steps"], r["teacher_steps"]) for r in dd_rows})
     lat_reps = {k: (max(3, args.latency_reps // 6) if k == "flowmap" else args.latency_reps) for k in fns}
     thr_reps = {k: (1 if k == "flowmap" else args.throughput_reps) for k in fns}
     # tokens only (no VQ decoding): the LM part the distillation actually removes
@@ -282,19 +324,26 @@ def main(argv=None) -> int:
         torch.stack([torch.randn(n_tok, d_emb, generator=g) for g in gens]), labels, num_steps=1
     )
     lat_reps.update(teacher_tokens=args.latency_reps, dd1_tokens=args.latency_reps)
-    lat = interleaved_times(fns, 1, lat_reps)
+    lat_runs = interleaved_times(fns, 1, lat_reps, spread=True)
+    lat = {k: v[0] for k, v in lat_runs.items()}
     del fns["teacher_tokens"], fns["dd1_tokens"]
-    thr = interleaved_times(fns, args.throughput_batch, thr_reps)
-    for row, key in [(teacher_row, "teacher"), (fm_row, "flowmap")] + [(r, f"dd{r['nfe']}") for r in dd_rows]:
+    thr = {b: interleaved_times(fns, b, thr_reps) for b in thr_batches}
+    big = max(thr_batches)
+    for row, key in [(teacher_row, "teacher"), (fm_row, "flowmap")] + [(r, key_of(r)) for r in dd_rows]:
         row["latency_ms"] = round(1000 * lat[key], 3)
-        row["images_per_s"] = round(args.throughput_batch / thr[key], 1)
-        row["throughput_batch"] = args.throughput_batch
+        row["latency_ms_iqr"] = [round(1000 * q, 3) for q in lat_runs[key][1]]
+        row["images_per_s_by_batch"] = {str(b): round(b / thr[b][key], 1) for b in thr_batches}
+        row["images_per_s"] = row["images_per_s_by_batch"][str(big)]
+        row["throughput_batch"] = big
     teacher_row["latency_tokens_only_ms"] = round(1000 * lat["teacher_tokens"], 3)
     for r in dd_rows:
         r["speedup"] = round(teacher_row["latency_ms"] / r["latency_ms"], 2)
         r["speedup_throughput"] = round(r["images_per_s"] / teacher_row["images_per_s"], 2)
-        r["speedup_target"] = round(0.8 * n_tok, 1) if r["nfe"] == 1 else None
-        if r["nfe"] == 1:
+        r["speedup_throughput_by_batch"] = {
+            b: round(v / teacher_row["images_per_s_by_batch"][b], 2) for b, v in r["images_per_s_by_batch"].items()
+        }
+        r["speedup_target"] = round(0.8 * n_tok, 1) if (r["nfe"], r["teacher_steps"]) == (1, 0) else None
+        if (r["nfe"], r["teacher_steps"]) == (1, 0):
             r["latency_tokens_only_ms"] = round(1000 * lat["dd1_tokens"], 3)
             r["speedup_tokens_only"] = round(lat["teacher_tokens"] / lat["dd1_tokens"], 2)
         r["fid_ratio_to_teacher"] = round(r["fid"] / teacher_row["fid"], 3)
@@ -319,11 +368,15 @@ def _dd_config(cfg):
 
 
 def _write(path: Path, rows: list[dict]) -> None:
-    old = json.loads(path.read_text()) if path.exists() else []
-    methods = {(r["method"], r["nfe"]) for r in rows}
-    keep = [r for r in old if (r["method"], r["nfe"]) not in methods]
-    allrows = sorted(keep + rows, key=lambda r: (r["method"] != "teacher-ar", r["method"], r["nfe"]))
-    path.write_text(json.dumps(allrows, indent=1) + "\n")
+    import fcntl
+
+    with open(str(path) + ".lock", "w") as lock:  # two runs (with / without the head) may end together
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        old = json.loads(path.read_text()) if path.exists() else []
+        methods = {(r["method"], r["nfe"]) for r in rows}
+        keep = [r for r in old if (r["method"], r["nfe"]) not in methods]
+        allrows = sorted(keep + rows, key=lambda r: (r["method"] != "teacher-ar", r["method"], r["nfe"]))
+        path.write_text(json.dumps(allrows, indent=1) + "\n")
     subprocess.run([sys.executable, str(ROOT / "make_tables.py")], check=False)
     print(f"wrote {path}", flush=True)
 

@@ -25,16 +25,37 @@ The pieces (research notes ``algos_boot_dd_msd.md`` §2):
    data).  Input ``[class, x_1..x_n]`` causal; the output at ``x_i`` gives the logits of token ``i``.
    The computation is ``stepdistill.pipelines.distilled_decoding.dd_generate`` -- the exported
    pipeline's own code.
-5. **Training** (§2.5): for each pair pick a split point ``t`` from ``split_points`` (``[0]`` =
+5. **Continuous head** (§2.4, DD1 ``final_layer_conti``; on with ``split_t``): a PixArt-style final
+   layer (``LayerNorm`` without affine, ``h * (1 + scale) + shift`` with ``(shift, scale) =
+   scale_shift_table + class embedding``, ``Linear(D -> d)``) on the LM's last hidden state,
+   predicting the token's flow-space codebook vector.  Output assembly: data positions copied,
+   predicted positions ``< split_t`` from the logits' argmax (its codebook vector), ``>= split_t``
+   from the head; images are decoded from these vectors, the head's ones unsnapped
+   (``pipelines/distilled_decoding.py``, whose folder holds the head as
+   ``continuous_head.safetensors``).  ``split_t: None`` = no head (every position from the logits).
+6. **Training** (§2.5): for each pair pick a split point ``t`` from ``split_points`` (``[0]`` =
    one-step student; ``[0, t_2]`` = the two-step variant, which also samples in one step); the
-   input holds the pair's codebook vectors before ``t`` and its noise from ``t`` on; the loss is
-   cross-entropy to the pair's tokens on positions ``>= t``.
+   input holds the pair's codebook vectors before ``t`` and its noise from ``t`` on; the loss on the
+   predicted positions ``>= t`` is cross-entropy to the pair's tokens before ``split_t`` and
+   ``regression_weight`` x the L2 error of the head to the pair's flow-space code vector from
+   ``split_t`` on (all positions CE without the head).
+7. **Teacher-involved sampling** (§2.6, DD1 ``eval_combine_sample.py``):
+   :meth:`DDStudent.generate` / the pipeline with ``teacher_steps = k`` -- a student pass, the
+   teacher regenerates tokens ``t_2 - k .. t_2 - 1`` after the student's prefix
+   (:func:`teacher_span_fn`: the teacher's KV-cached decoding with its flow map of the *same*
+   noise), then the student's pass at ``t_2``; ``2 + k`` LM passes.
 
 Choices where the spec is silent or unverified, documented here:
 
-* Loss: cross-entropy on *all* predicted positions (the released models use CE before
-  ``split_t`` and an L2/LPIPS regression head after it; with a 16-token digits grid the CE head
-  alone is used; the continuous head is not implemented).
+* Loss normalisation: CE and regression terms are summed over the predicted positions and divided
+  by their number (per-position weights 1 and ``regression_weight``); the regression is the mean
+  squared error over the ``d`` flow-space coordinates (DD1's code defaults to LPIPS on decoded
+  images, ``--loss_norm lpips``; L2 in code space here, no LPIPS network).  The head reads the
+  hidden state *after* the LM's final norm (the ``lm_head``'s input); ``linear`` starts at zero.
+  ``output_type="tokens"`` / ``DDStudent.forward`` report the nearest code at head positions.
+* Teacher-involved sampling: DD1 lets the teacher regenerate the span with ordinary random
+  sampling; here the teacher's closed-form flow map of the same noise is used (the same
+  distribution, since the span's noise is independent of the prefix, and deterministic in the noise).
 * ODE solver: Heun, 32 steps, ``rho = 3`` time grid, ``t_min = 1e-3`` (DD1's solver is unverified;
   first-order Euler needs > 128 steps for the same token-distribution accuracy).
 * Flow space scale: the codebook is scaled to unit RMS per coordinate (``codebook_scale: rms``),
