@@ -591,31 +591,42 @@ class DDStudent(nn.Module):
 
 def teacher_span_fn(teacher, codes: Tensor, flow: dict | None = None):
     """``teacher_fn`` for teacher-involved sampling: ``fn(labels, prefix (B, s), noise (B, n, d),
-    stop) -> tokens (B, stop)`` -- the teacher's KV-cached raster decoding fed ``prefix`` and then
-    continued to ``stop`` with its closed-form flow map of the *same* noise (so the tokens are the
-    teacher's conditional samples given the prefix and the result is deterministic in the noise)."""
-    from ..pipelines.ar_image import ar_generate
+    stop) -> tokens (B, stop)`` -- the teacher reads ``[class, prefix]`` in one KV-cached pass
+    (prefill), then decodes tokens ``s .. stop - 1`` one at a time with its closed-form flow map of
+    the *same* noise (so they are the teacher's conditional samples given the prefix and the result
+    is deterministic in the noise): ``stop - s`` single-token steps after one prefill."""
+    from ..pipelines.ar_image import cfg_logits, filter_logits
 
     flow = dict(flow or {})
 
     @torch.no_grad()
     def fn(labels: Tensor, prefix: Tensor, noise: Tensor, stop: int) -> Tensor:
         dev = teacher.device
-        z = noise.to(dev)
-        pre = prefix.to(dev)
-        c = codes.to(dev)
-        start = pre.shape[1]
-
-        def choose(i: int, logits: Tensor) -> Tensor:
-            if i < start:
-                return pre[:, i]
-            return flow_map(z[:, i].float(), c, logits, **flow)
-
-        s = teacher.settings()
-        lab = teacher.encode_conditions(labels.to(dev))
-        return ar_generate(teacher.transformer, teacher.class_token(lab), int(stop), teacher.codebook_size, choose,
-                           null_token=teacher.null_token, guidance_scale=s["guidance_scale"],
-                           temperature=s["temperature"], top_k=s["top_k"], top_p=s["top_p"])
+        z, c = noise.to(dev), codes.to(dev)
+        pre = prefix.to(dev).long()
+        b, start = pre.shape
+        st = teacher.settings()
+        cls = teacher.class_token(teacher.encode_conditions(labels.to(dev))).reshape(b, 1).long()
+        use_cfg = st["guidance_scale"] != 1.0 and teacher.null_token is not None
+        ids = torch.cat([cls, pre], 1)
+        if use_cfg:
+            ids = torch.cat([ids, torch.cat([torch.full_like(cls, int(teacher.null_token)), pre], 1)], 0)
+        v = teacher.codebook_size
+        out = teacher.transformer(input_ids=ids, use_cache=True)
+        cache, last = out.past_key_values, out.logits[:, -1, :v].float()
+        tokens = [pre]
+        for i in range(start, int(stop)):
+            logits = cfg_logits(last[:b], last[b:], st["guidance_scale"]) if use_cfg else last
+            logits = filter_logits(logits, st["temperature"], st["top_k"], st["top_p"])
+            tok = flow_map(z[:, i].float(), c, logits, **flow).long().to(dev)
+            tokens.append(tok[:, None])
+            if i + 1 == int(stop):
+                break
+            step = tok.reshape(b, 1)
+            out = teacher.transformer(input_ids=torch.cat([step, step], 0) if use_cfg else step,
+                                      past_key_values=cache, use_cache=True)
+            cache, last = out.past_key_values, out.logits[:, -1, :v].float()
+        return torch.cat(tokens, 1)
 
     return fn
 
