@@ -19,7 +19,8 @@ Rows (DESIGN.md §8) go to benchmarks/results/digits_ar_dd.json; BENCHMARKS.md i
   and decoded from the head's unsnapped vectors);
 * ``dd-teacher`` / ``dd-head-teacher`` with ``nfe = 2 + k``: teacher-involved sampling
   (``--teacher-steps``, default 2, 4 and 8: the teacher's flow map regenerates the ``k`` tokens before
-  split point 8, then the student's second pass).
+  split point 8, then the student's second pass); ``*-teacher-random`` the same with ordinary random
+  teacher draws (DD1's ``eval_combine_sample.py``; ``--teacher-sampler``).
 
 Speed is measured on one CPU thread by default (``--threads``), end to end (noise/draws, LM passes,
 VQ decoding), with the methods *interleaved* (so load from other processes hits them alike): per-image
@@ -111,6 +112,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--latency-reps", type=int, default=30)
     p.add_argument("--throughput-batch", default="64,250", help="comma-separated batch sizes")
+    p.add_argument("--teacher-sampler", default="flow,random",
+                   help="teacher-involved sampling: the teacher's flow map of the noise and/or random draws (DD1)")
     p.add_argument("--teacher-steps", default="2,4,8", help="teacher-involved sampling: comma-separated k (empty: none)")
     p.add_argument("--throughput-reps", type=int, default=3)
     p.add_argument("--curve-every", type=int, default=1000)
@@ -119,6 +122,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     thr_batches = [int(b) for b in str(args.throughput_batch).split(",") if b.strip()]
     teacher_ks = [int(k) for k in str(args.teacher_steps).split(",") if k.strip()]
+    samplers = [x.strip() for x in str(args.teacher_sampler).split(",") if x.strip()]
     torch.set_num_threads(args.threads)
     command = "python benchmarks/digits_ar_dd.py " + " ".join(argv if argv is not None else sys.argv[1:])
     commit = git_commit()
@@ -172,11 +176,12 @@ def main(argv=None) -> int:
         return 0
 
     # -- DD: train (pairs timed separately) or reuse the last run -----------------------------------
-    def student_fn(s, k, teacher_steps=0):
+    def student_fn(s, k, teacher_steps=0, sampler="flow"):
         def fn(labels, gens):
             noise = torch.stack([torch.randn(n_tok, d_emb, generator=g) for g in gens])
             tok, vec = s.generate(noise, labels, num_steps=k, teacher=teacher if teacher_steps else None,
-                                  teacher_steps=teacher_steps, flow=flow_kwargs)
+                                  teacher_steps=teacher_steps, flow=flow_kwargs, teacher_sampler=sampler,
+                                  generator=list(gens))
             return s.decode(teacher.vqvae, tok, vec)
 
         return fn
@@ -280,22 +285,24 @@ def main(argv=None) -> int:
     with torch.no_grad():
         ref = torch.cat([d.teacher_tokens(zh[i : i + 250], lh[i : i + 250]) for i in range(0, 1000, 250)])
     dd_rows = []
-    variants = [(k, 0) for k in range(1, student.num_steps + 1)]
+    variants = [(k, 0, "flow") for k in range(1, student.num_steps + 1)]
     if student.num_steps >= 2:
-        variants += [(2, t) for t in teacher_ks if 0 < t <= student.split_points[1]]
-    for k, ts in variants:
+        variants += [(2, t, sm) for sm in samplers for t in teacher_ks if 0 < t <= student.split_points[1]]
+    for k, ts, sm in variants:
+        gh = [torch.Generator().manual_seed(5000 + i) for i in range(zh.shape[0])]
         with torch.no_grad():
             tok = student.generate(zh, lh, num_steps=k, teacher=teacher if ts else None, teacher_steps=ts,
-                                   flow=d.flow_kwargs)[0]
+                                   flow=d.flow_kwargs, teacher_sampler=sm, generator=gh)[0]
         dd_rows.append(
             {
                 **base,
-                "method": dd_method + ("-teacher" if ts else ""),
+                "method": dd_method + ("-teacher" + ("-random" if sm == "random" else "") if ts else ""),
                 "nfe": k + ts,
                 "teacher_steps": ts,
+                "teacher_sampler": sm if ts else None,
                 "split_t": student.split_t,
                 "regression_weight": d.config.regression_weight if head_on else None,
-                **quality(student_fn(student, k, ts), args.num_images),
+                **quality(student_fn(student, k, ts, sm), args.num_images),
                 "train_steps": cfg.train.max_steps,
                 "train_seconds": timer.get("train_seconds"),
                 "pair_seconds": timer.get("pair_seconds"),
@@ -312,10 +319,11 @@ def main(argv=None) -> int:
 
     # -- speed, interleaved ----------------------------------------------------------------------------
     def key_of(r):
-        return f"dd{r['nfe']}t{r['teacher_steps']}"
+        return f"dd{r['nfe']}t{r['teacher_steps']}{r['teacher_sampler']}"
 
     fns = {"teacher": teacher_fn, "flowmap": flowmap_fn}
-    fns.update({key_of(r): student_fn(student, r["nfe"] - r["teacher_steps"], r["teacher_steps"]) for r in dd_rows})
+    fns.update({key_of(r): student_fn(student, r["nfe"] - r["teacher_steps"], r["teacher_steps"],
+                                      r["teacher_sampler"] or "flow") for r in dd_rows})
     lat_reps = {k: (max(3, args.latency_reps // 6) if k == "flowmap" else args.latency_reps) for k in fns}
     thr_reps = {k: (1 if k == "flowmap" else args.throughput_reps) for k in fns}
     # tokens only (no VQ decoding): the LM part the distillation actually removes

@@ -263,6 +263,18 @@ def test_teacher_involved_sampling(teacher, tmp_path):
     one_split = _dd(teacher, tmp_path, split_t=None, split_points=[0]).student
     with pytest.raises(ValueError, match="second split point"):
         one_split.generate(noise, labels, teacher=teacher, teacher_steps=2)
+    # DD1's random teacher draws: the same distribution, reproducible per generator, cheaper per step
+    from stepdistill.pipelines.ar_image import draw_uniforms, sample_tokens
+
+    gens = [torch.Generator().manual_seed(i) for i in range(5)]
+    rnd, _ = s.generate(noise, labels, teacher=teacher, teacher_steps=3, teacher_sampler="random", generator=gens)
+    assert torch.equal(rnd[:, :5], one[:, :5])
+    again = [torch.Generator().manual_seed(i) for i in range(5)]
+    for i in range(5, 8):
+        u = draw_uniforms(again, 5, "cpu")
+        assert torch.equal(rnd[:, i], sample_tokens(teacher.logits(rnd[:, :i], labels), u))
+    with pytest.raises(ValueError, match="sampler"):
+        teacher_span_fn(teacher, s.codes, sampler="greedy")
     # the pipeline takes the same teacher function
     from stepdistill.export import export_dd_pipeline
 

@@ -548,15 +548,17 @@ class DDStudent(nn.Module):
         teacher=None,
         teacher_steps: int = 0,
         flow: dict | None = None,
+        teacher_sampler: str = "flow",
+        generator=None,
     ) -> tuple[Tensor, Tensor]:
         """``(tokens (B, n), flow-space vectors (B, n, d))`` -- the pipeline's ``dd_generate``; with an
         AR ``teacher`` and ``teacher_steps`` the teacher-involved sampler (``flow``: the teacher map's
-        ``flow_map`` settings, see :func:`teacher_span_fn`)."""
+        ``flow_map`` settings; ``teacher_sampler`` / ``generator``: see :func:`teacher_span_fn`)."""
         fn = None
         if teacher_steps:
             if teacher is None:
                 raise ValueError("teacher_steps > 0 needs the AR teacher (teacher=...)")
-            fn = teacher_span_fn(teacher, self.codes, flow)
+            fn = teacher_span_fn(teacher, self.codes, flow, teacher_sampler, generator)
             if num_steps is None:
                 num_steps = self.num_steps
         return dd_generate(
@@ -589,14 +591,19 @@ class DDStudent(nn.Module):
         return decode_vectors(vqvae, vectors, self.grid_size, self.codebook_scale).clamp(-1, 1)
 
 
-def teacher_span_fn(teacher, codes: Tensor, flow: dict | None = None):
+def teacher_span_fn(teacher, codes: Tensor, flow: dict | None = None, sampler: str = "flow", generator=None):
     """``teacher_fn`` for teacher-involved sampling: ``fn(labels, prefix (B, s), noise (B, n, d),
     stop) -> tokens (B, stop)`` -- the teacher reads ``[class, prefix]`` in one KV-cached pass
-    (prefill), then decodes tokens ``s .. stop - 1`` one at a time with its closed-form flow map of
-    the *same* noise (so they are the teacher's conditional samples given the prefix and the result
-    is deterministic in the noise): ``stop - s`` single-token steps after one prefill."""
-    from ..pipelines.ar_image import cfg_logits, filter_logits
+    (prefill), then decodes tokens ``s .. stop - 1`` one at a time: ``stop - s`` single-token steps.
 
+    ``sampler="flow"`` (default): each token is the teacher's closed-form flow map of the *same*
+    noise (the teacher's conditional distribution given the prefix, deterministic in the noise;
+    costs the flow ODE per token).  ``sampler="random"``: an ordinary inverse-CDF draw (DD1's
+    ``eval_combine_sample.py``), uniforms from ``generator`` (one ``torch.Generator``, or one per image)."""
+    from ..pipelines.ar_image import cfg_logits, draw_uniforms, filter_logits, sample_tokens
+
+    if sampler not in ("flow", "random"):
+        raise ValueError(f"teacher sampler must be 'flow' or 'random', got {sampler!r}")
     flow = dict(flow or {})
 
     @torch.no_grad()
@@ -618,7 +625,10 @@ def teacher_span_fn(teacher, codes: Tensor, flow: dict | None = None):
         for i in range(start, int(stop)):
             logits = cfg_logits(last[:b], last[b:], st["guidance_scale"]) if use_cfg else last
             logits = filter_logits(logits, st["temperature"], st["top_k"], st["top_p"])
-            tok = flow_map(z[:, i].float(), c, logits, **flow).long().to(dev)
+            if sampler == "flow":
+                tok = flow_map(z[:, i].float(), c, logits, **flow).long().to(dev)
+            else:
+                tok = sample_tokens(logits, draw_uniforms(generator, b, dev)).long().to(dev)
             tokens.append(tok[:, None])
             if i + 1 == int(stop):
                 break
