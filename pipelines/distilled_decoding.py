@@ -42,8 +42,9 @@ folder without ``split_t`` (all older exports) has no head and behaves as before
 Teacher-involved sampling (DD1 ``eval_combine_sample.py``; ``teacher_fn`` + ``teacher_steps = k``,
 needs a second split point ``t_2``): one student pass from the noise; its tokens before
 ``t_2 - k`` are kept; the teacher regenerates tokens ``t_2 - k .. t_2 - 1`` autoregressively after
-that prefix (stepdistill's ``teacher_fn`` uses the teacher's own closed-form flow map on the *same*
-noise, so the result stays a deterministic function of the noise); then a final student pass at
+that prefix (stepdistill's ``teacher_span_fn`` uses the teacher's own closed-form flow map on the
+*same* noise by default, so the result stays a deterministic function of the noise, or ordinary
+random draws as DD1 does, ``sampler="random"``); then a final student pass at
 split point ``t_2`` predicts the rest.  Cost: ``2 + k`` LM passes (``k`` of them the teacher's
 KV-cached single-token steps); ``k = 0`` is the plain two-step sampler, larger ``k`` moves the
 sample toward the teacher's.
