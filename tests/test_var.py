@@ -734,3 +734,51 @@ def test_bfloat16_teacher_samples(vae_state, var_state):
     gen.transformer.to(torch.bfloat16)
     with torch.no_grad():
         assert gen(torch.randn(2, L, CVAE), torch.tensor([0, 1]), num_steps=2).shape == (2, L)
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. the DistilledDecoding distiller routes a VAR teacher (config -> pairs -> train -> export)
+
+
+def test_distilled_decoding_trains_and_exports_a_var_student_from_the_preset(teacher, tmp_path):
+    from stepdistill.algorithms.distilled_decoding import DDConfig, DistilledDecoding, flow_map
+    from stepdistill.config import load_config
+    from stepdistill.run import run_distillation
+    from stepdistill.teachers.var import load_var_pipeline
+
+    folder = teacher.save_pretrained(tmp_path / "teacher")
+    with pytest.raises(ValueError, match="scale indices|split"):  # split points count scales (3 here)
+        DistilledDecoding(teacher, DDConfig(split_points=[0, 3], pairs_dir=str(tmp_path / "p0")))
+    with pytest.raises(ValueError, match="split_t"):
+        DistilledDecoding(teacher, DDConfig(split_points=[0, 2], split_t=4, pairs_dir=str(tmp_path / "p0")))
+    overrides = [
+        f"teacher.path={folder}", "teacher.dtype=float32", "algorithm.params.num_pairs=16",
+        "algorithm.params.shard_size=8", "algorithm.params.generation_batch_size=8",
+        "algorithm.params.flow_steps=4", "algorithm.params.storage_dtype=float32",
+        f"algorithm.params.pairs_dir={tmp_path / 'pairs'}", "algorithm.params.split_points=[0, 2]",
+        f"train.output_dir={tmp_path / 'run'}", "train.max_steps=2", "train.batch_size=4",
+        "train.warmup_steps=0", "train.mixed_precision=null", "train.ema_decay=null",
+        "train.report_to=null", "train.progress=false", "train.sample_every_steps=0",
+        "train.checkpoint_every_steps=1",
+    ]
+    result = run_distillation(load_config("var/dd", overrides))
+    assert result["step"] == 2
+    # the stored pairs are the teacher's per-scale noise -> token map
+    from safetensors.torch import load_file
+
+    (key,) = [d for d in (tmp_path / "pairs").iterdir() if d.is_dir()]
+    rows = load_file(str(key / "pairs-00000.safetensors"))
+    codes = teacher.codebook.detach().float()  # codebook_scale 1.0 in the preset
+    again = var_token_map(teacher, rows["noise"].float(), rows["labels"],
+                          lambda z, lg: flow_map(z, codes, lg, num_steps=4, dtype=torch.float32),
+                          **teacher.settings(top_k=900))  # the preset's settings (the fixture has top_k 10)
+    assert torch.equal(again, rows["tokens"].long())
+    unguided = var_token_map(teacher, rows["noise"].float(), rows["labels"],
+                             lambda z, lg: flow_map(z, codes, lg, num_steps=4, dtype=torch.float32),
+                             **teacher.settings(top_k=900, guidance_scale=0.0))
+    assert not torch.equal(unguided, rows["tokens"].long())  # the comparison can tell settings apart
+    pipe = load_var_pipeline(result["pipeline"])
+    assert type(pipe).__name__ == "VARDDPipeline"
+    z = torch.randn(2, L, CVAE, generator=torch.Generator().manual_seed(0))
+    toks = pipe(class_labels=[0, 3], noise=z, num_inference_steps=2, output_type="tokens").images
+    assert toks.shape == (2, L) and int(toks.max()) < V

@@ -209,6 +209,8 @@ def teacher_token_map(
     keyword arguments (``num_steps``, ``solver``, ``t_min``, ``rho``, ``dtype``)."""
     flow = dict(flow or {})
     noise = noise.to(teacher.device)
+    if hasattr(teacher, "token_map"):  # next-scale teachers (VAR): the map applied per scale
+        return teacher.token_map(noise, labels, lambda z, lg: flow_map(z, codes, lg, **flow), **settings)
 
     def choose(i: int, logits: Tensor) -> Tensor:
         return flow_map(noise[:, i], codes, logits, **flow)
@@ -693,7 +695,8 @@ class DistilledDecoding(Distiller):
                 )
         super().__init__(teacher, config)
         c = config
-        n = teacher.num_tokens
+        scales = getattr(teacher, "token_order", "raster") == "scales"
+        n = teacher.num_scales if scales else teacher.num_tokens
         sp = [int(s) for s in c.split_points]
         if not sp or sp[0] != 0 or any(a >= b for a, b in zip(sp, sp[1:])) or sp[-1] >= n:
             raise ValueError(
@@ -713,7 +716,14 @@ class DistilledDecoding(Distiller):
             raise ValueError(f"algorithm.params.regression_weight must be >= 0, got {c.regression_weight}")
         self.scale = codebook_scale_of(teacher.codebook, c.codebook_scale)
         codes = (teacher.codebook.detach().float() * self.scale).cpu()
-        self.student = DDStudent.from_teacher(teacher, codes, sp, self.scale, c.rbf_tau, c.split_t)
+        if scales:
+            from ..teachers.var import VARDDGenerator
+
+            if c.split_t is not None or c.rbf_tau is not None:
+                raise ValueError("a VAR student has no continuous head or RBF input yet: unset split_t and rbf_tau")
+            self.student = VARDDGenerator.from_teacher(teacher, sp, self.scale)
+        else:
+            self.student = DDStudent.from_teacher(teacher, codes, sp, self.scale, c.rbf_tau, c.split_t)
         self._pairs: dict[str, Tensor] | None = None  # the whole set, only when a tool asks (ensure_pairs)
         self._pair_set: PairSet | None = None
         self._pairs_ready = False
@@ -815,6 +825,8 @@ class DistilledDecoding(Distiller):
         b, n = tokens.shape
         sp = torch.tensor(self.student.split_points, device=device)
         split = sp[torch.randint(0, sp.numel(), (b,), device=device)]
+        if hasattr(self.student, "data_prefix"):  # VAR: split points are scales
+            split = self.student.data_prefix(split)
         pos = torch.arange(n, device=device)
         is_data = pos[None, :] < split[:, None]  # (B, n)
         x = torch.where(is_data[..., None], self.student.codes[tokens], noise)
@@ -883,6 +895,11 @@ class DistilledDecoding(Distiller):
         from ..export import export_dd_pipeline
 
         extra = {**(extra or {}), "pair_set": self.pair_set().key}
+        if hasattr(self.student, "data_prefix"):
+            from ..teachers.var import export_var_dd
+
+            return export_var_dd(self.student, self.teacher, Path(output_dir), use_ema_state=ema_state,
+                                 overwrite=overwrite)
         return export_dd_pipeline(self.student, self.teacher, Path(output_dir), algorithm=self.name,
                                   paper=self.paper, extra=extra, use_ema_state=ema_state, overwrite=overwrite)
 
