@@ -54,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=None, help="equal budget (default: the first preset's)")
     p.add_argument("--teacher-reference", default=str(TEACHER_REF),
                    help="teacher-relative FID reference (default: the teacher's DDIM-50 CFG 2 statistics)")
+    p.add_argument("--teacher-steps", type=int, default=8,
+                   help="also score the teacher (DDIM, the presets' CFG 4.5) at this many steps; 0 = no row")
     p.add_argument("--one-at-a-time", action="store_true",
                    help="run compare once per preset so artefacts are copied after each method")
     args = p.parse_args(argv)
@@ -66,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     batches = [args.presets[: i + 1] for i in range(len(args.presets))] if args.one_at_a_time else [args.presets]
     for presets in batches:  # compare skips the finished ones, so each call adds one method
         compare("t2i", presets, work, steps=args.steps, num_images=args.num_images, seeds=seeds,
-                curve_every=args.curve_every, command=command, teacher_reference=args.teacher_reference)
+                curve_every=args.curve_every, command=command, teacher_reference=args.teacher_reference,
+                teacher_steps=args.teacher_steps or None)
         print("copied", copy_artefacts(work, RESULTS), "to", RESULTS, flush=True)
     return 0
 
