@@ -494,6 +494,8 @@ class DistilledDecodingPipeline(DiffusionPipeline):
         if where is None:
             raise ValueError("split_t is set but no continuous head was given and no folder is known to read it from")
         path = os.path.join(str(where), self.head_file)
+        if os.path.isdir(str(where)) and not os.path.isfile(path):  # a local folder: never ask the Hub
+            raise FileNotFoundError(f"split_t is set but {self.head_file} is not in {where}")
         if not os.path.isfile(path):
             try:  # a Hub repository id
                 from huggingface_hub import hf_hub_download
