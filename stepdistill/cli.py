@@ -156,6 +156,12 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.
     return args
 
 
+def _close_process_group() -> None:
+    from .training.distributed import close_process_group
+
+    close_process_group()
+
+
 def _is_override(arg: str) -> bool:
     return "=" in arg and not arg.startswith("-")
 
@@ -184,6 +190,7 @@ def _dispatch(parser, args) -> int:
         cfg = load_config(_teacher_preset(args.preset), args.overrides)
         out = train_teacher(cfg, args.output)
         print(f"teacher pipeline written to {out}")
+        _close_process_group()
         return 0
     if args.command == "train":
         from .run import validate_algorithm
@@ -202,6 +209,7 @@ def _dispatch(parser, args) -> int:
             save_config(cfg, Path(cfg.train.output_dir) / "config.yaml")
             if "pipeline" in result:
                 print(f"pipeline written to {result['pipeline']}")
+        _close_process_group()
         return 0
     if args.command == "sample":
         from .sampling import sample_to_path

@@ -216,6 +216,21 @@ def on_main(acc: Any, fn: Callable[[], Any], what: str) -> Any:
     return result
 
 
+def close_process_group() -> bool:
+    """End a finished multi-process run cleanly: wait for every rank, then destroy the default
+    process group.  Without it the interpreter tears down gloo's worker threads at exit and a rank
+    can abort (``terminate called without an active exception``, SIGABRT) after the work is done.
+    Call it only after success -- a rank that failed must not wait for the others.  Returns whether
+    a group was closed."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return False
+    dist.barrier()
+    dist.destroy_process_group()
+    return True
+
+
 def any_rank(flag: Tensor, world: int) -> Tensor:
     """Sum of a per-rank count over processes (so every rank takes the same branch)."""
     if world > 1:
