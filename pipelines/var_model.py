@@ -743,12 +743,13 @@ def var_sample_tokens(logits: torch.Tensor, uniforms: torch.Tensor) -> torch.Ten
 @torch.no_grad()
 def var_generate(transformer: VARTransformer, vqvae: VARVQVAE, labels: torch.Tensor, choose,
                  guidance_scale: float = 1.5, top_k: int = 0, top_p: float = 0.0, temperature: float = 1.0,
-                 return_fhat: bool = False):
+                 return_fhat: bool = False, num_scales: int | None = None):
     """VAR's KV-cached scale-wise decoding (``autoregressive_infer_cfg``): returns the flat tokens
     (B, L) (and ``f_hat`` with ``return_fhat``).  ``choose(k, logits (B, n_k^2, V)) -> (B, n_k^2)``
-    gets the guided, filtered logits of scale ``k``.  CFG: doubled batch with the null class,
-    ``(1 + t) cond - t uncond``, ``t = guidance_scale * k / (S - 1)`` (skipped when
-    ``guidance_scale == 0``)."""
+    gets the guided, filtered logits of scale ``k`` (it may return given tokens instead: a forced
+    prefix).  CFG: doubled batch with the null class, ``(1 + t) cond - t uncond``,
+    ``t = guidance_scale * k / (S - 1)`` (skipped when ``guidance_scale == 0``).  ``num_scales``:
+    stop after that many scales (the tokens of those scales only; ``f_hat`` then is partial)."""
     tr, quant = transformer, vqvae.quantize
     pns = list(tr.patch_nums)
     if list(quant.v_patch_nums) != pns:
@@ -767,7 +768,10 @@ def var_generate(transformer: VARTransformer, vqvae: VARVQVAE, labels: torch.Ten
     cache = VARKVCache()
     out, cur = [], 0
     s = len(pns)
-    for si, pn in enumerate(pns):
+    stop = s if num_scales is None else int(num_scales)
+    if not 1 <= stop <= s:
+        raise ValueError(f"num_scales must be in 1..{s}, got {num_scales}")
+    for si, pn in enumerate(pns[:stop]):
         cur += pn * pn
         x = h
         for i, blk in enumerate(tr.blocks):
@@ -781,7 +785,7 @@ def var_generate(transformer: VARTransformer, vqvae: VARVQVAE, labels: torch.Ten
         out.append(idx)
         emb = quant.embedding(idx).transpose(1, 2).reshape(b, tr.Cvae, pn, pn)
         f_hat, nxt = quant.next_autoregressive_input(si, f_hat, emb)
-        if si != s - 1:
+        if si != stop - 1:
             nxt = nxt.reshape(b, tr.Cvae, -1).transpose(1, 2)
             h = tr.word_embed(nxt.to(tr.word_embed.weight.dtype)) + lvl_pos[:, cur : cur + pns[si + 1] ** 2]
             if use_cfg:
@@ -945,8 +949,15 @@ def var_dd_inputs(student: VARDDStudent, noise: torch.Tensor, codes: torch.Tenso
 
 
 def var_dd_generate(student: VARDDStudent, codes: torch.Tensor, noise: torch.Tensor, labels: torch.Tensor,
-                    num_steps: int | None = None) -> torch.Tensor:
-    """Tokens (B, L) of every scale in ``num_steps`` passes (default: all split points)."""
+                    num_steps: int | None = None, teacher_fn=None, teacher_steps: int = 0) -> torch.Tensor:
+    """Tokens (B, L) of every scale in ``num_steps`` passes (default: all split points).
+
+    Teacher-involved sampling (DD1's combined sampler, counted in *scales*): ``teacher_steps = k > 0``
+    with a second split point ``t_2`` and ``teacher_fn(labels, prefix (B, n), noise (B, L, d),
+    stop_scale) -> tokens (B, data_tokens(stop_scale))`` -- one student pass from the noise, its
+    tokens of the scales before ``t_2 - k`` kept, the teacher's scales ``t_2 - k .. t_2 - 1`` after
+    that prefix, then the student's pass at ``t_2`` for the rest.  Cost: ``2`` student passes + ``t_2``
+    KV-cached teacher scale steps (the kept prefix is re-read scale by scale)."""
     sp = student.split_points
     k = len(sp) if num_steps is None else int(num_steps)
     if not 1 <= k <= len(sp):
@@ -954,10 +965,26 @@ def var_dd_generate(student: VARDDStudent, codes: torch.Tensor, noise: torch.Ten
     expected = (student.L, student.Cvae)
     if tuple(noise.shape[1:]) != expected:
         raise ValueError(f"noise must have shape (B, {expected[0]}, {expected[1]}), got {tuple(noise.shape)}")
+    teacher_steps = int(teacher_steps or 0)
+    if teacher_steps:
+        if len(sp) < 2 or k < 2:
+            raise ValueError("teacher-involved sampling needs a second split point and 2 student passes "
+                             f"(split points {sp}, num_inference_steps {k})")
+        if teacher_fn is None:
+            raise ValueError("teacher_steps > 0 needs teacher_fn (the teacher's scales after a prefix)")
+        if not 0 < teacher_steps <= sp[1]:
+            raise ValueError(f"teacher_steps must be in 0..{sp[1]} scales (the second split point), got {teacher_steps}")
     codes = codes.to(device=noise.device, dtype=torch.float32)
     tokens = None
     for step in range(k):
         t = sp[step]
+        if step == 1 and teacher_steps:
+            keep = student.data_tokens(t - teacher_steps)
+            prefix = teacher_fn(labels, tokens[:, :keep], noise, t).long().to(tokens.device)
+            n_t = student.data_tokens(t)
+            if tuple(prefix.shape) != (tokens.shape[0], n_t):
+                raise ValueError(f"teacher_fn returned shape {tuple(prefix.shape)}; expected ({tokens.shape[0]}, {n_t})")
+            tokens = torch.cat([prefix, tokens[:, n_t:]], 1)
         x, is_data = var_dd_inputs(student, noise.float(), codes, tokens, t)
         pred = student.logits(x, labels, is_data).argmax(-1)
         n = student.data_tokens(t)
@@ -1080,7 +1107,11 @@ class VARDDPipeline(_SelfContainedPipeline):
     @torch.no_grad()
     def __call__(self, class_labels=None, batch_size: int = 1, num_inference_steps: int | None = None,
                  generator=None, noise: torch.Tensor | None = None, output_type: str = "pil",
-                 return_dict: bool = True, num_images_per_prompt: int = 1):
+                 return_dict: bool = True, num_images_per_prompt: int = 1, teacher_fn=None,
+                 teacher_steps: int = 0):
+        """``teacher_fn`` / ``teacher_steps``: teacher-involved sampling (:func:`var_dd_generate`;
+        stepdistill's ``teacher_span_fn(VARTeacher, ...)`` builds ``teacher_fn``); ``num_inference_steps``
+        then defaults to 2."""
         st = self.transformer
         device = self._execution_device
         labels = _class_labels(class_labels, batch_size, num_images_per_prompt, st.num_classes, device)
@@ -1095,7 +1126,10 @@ class VARDDPipeline(_SelfContainedPipeline):
                 noise = torch.randn(b, st.L, st.Cvae, generator=generator, device=gdev)
         noise = noise.to(device=device, dtype=torch.float32)
         steps = self.config.num_inference_steps if num_inference_steps is None else int(num_inference_steps)
-        tokens = var_dd_generate(st, self.flow_codebook().to(device), noise, labels, steps)
+        if teacher_steps and num_inference_steps is None:
+            steps = len(st.split_points)
+        tokens = var_dd_generate(st, self.flow_codebook().to(device), noise, labels, steps,
+                                 teacher_fn=teacher_fn, teacher_steps=teacher_steps)
         image = tokens if output_type == "tokens" else _to_images(self.vqvae.decode_tokens(tokens), output_type)
         self.maybe_free_model_hooks()
         return ImagePipelineOutput(images=image) if return_dict else (image,)

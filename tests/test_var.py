@@ -619,6 +619,71 @@ def test_dd_student_init_mask_and_two_step_reuse(teacher):
         VARDDStudent.from_teacher(teacher.transformer, [0, 3])
 
 
+def test_var_generate_stops_after_num_scales_and_takes_a_forced_prefix(teacher):
+    labels = torch.tensor([0, 3])
+    g = torch.Generator().manual_seed(2)
+    full = teacher.sample(class_labels=labels, generator=g)
+    forced = teacher.generate(labels, lambda si, lg: full[:, teacher.scale_layout[si][0]:teacher.scale_layout[si][1]])
+    assert torch.equal(forced, full)  # a choose that returns given tokens reproduces them
+    two = teacher.generate(labels, lambda si, lg: full[:, teacher.scale_layout[si][0]:teacher.scale_layout[si][1]],
+                           num_scales=2)
+    assert torch.equal(two, full[:, :5])
+    with pytest.raises(ValueError, match="num_scales"):
+        teacher.generate(labels, lambda si, lg: lg.argmax(-1), num_scales=4)
+
+
+@pytest.mark.parametrize("sampler", ["flow", "random"])
+def test_teacher_involved_sampling_over_scales(teacher, sampler):
+    """DD1's combined sampler over scales: student pass 1, keep scales < t2 - k, the teacher's scales
+    t2 - k .. t2 - 1 after that prefix, the student's pass at t2 -- checked against the pieces."""
+    from stepdistill.algorithms.distilled_decoding import flow_map, teacher_span_fn
+    from stepdistill.pipelines.var_model import VARDDPipeline
+
+    gen = VARDDGenerator.from_teacher(teacher, split_points=[0, 2], codebook_scale=1.0).eval()
+    st = gen.transformer
+    z = torch.randn(3, L, CVAE, generator=torch.Generator().manual_seed(8))
+    labels = torch.tensor([0, 2, 4])
+    flow = {"num_steps": 6, "dtype": torch.float64}
+    gens = lambda: [torch.Generator().manual_seed(10 + i) for i in range(3)]  # noqa: E731
+    kw = {"flow": flow, "teacher_sampler": sampler}
+    with torch.no_grad():
+        one = gen(z, labels, num_steps=1)
+        n2 = st.data_tokens(2)
+        for k in (1, 2):
+            tok, vec = gen.generate(z, labels, teacher=teacher, teacher_steps=k, generator=gens(), **kw)
+            keep = st.data_tokens(2 - k)
+            assert torch.equal(tok[:, :keep], one[:, :keep])  # the student's kept scales
+            # the teacher's scales after that prefix, drawn as a plain teacher call would
+            fn = teacher_span_fn(teacher, gen.codes, flow, sampler, gens())
+            pre = fn(labels, one[:, :keep], z, 2)
+            assert pre.shape == (3, n2) and torch.equal(tok[:, :n2], pre)
+            if sampler == "flow":  # the teacher's per-scale flow map of the same noise
+                for si in range(2 - k, 2):
+                    a, e, _ = teacher.scale_layout[si]
+                    p = teacher.logits(tok[:, :a], labels)
+                    assert torch.equal(tok[:, a:e], flow_map(z[:, a:e], gen.codes, p, **flow))
+            xin = z.clone()
+            xin[:, :n2] = gen.codes[tok[:, :n2]]
+            last = st.logits(xin, labels, torch.arange(L)[None].expand(3, -1) < n2).argmax(-1)
+            assert torch.equal(tok[:, n2:], last[:, n2:]) and torch.equal(vec, gen.codes[tok])
+        if sampler == "flow":  # k = t2: the whole prefix is the teacher's flow map = its token map's scales
+            tok, _ = gen.generate(z, labels, teacher=teacher, teacher_steps=2, **kw)
+            full = var_token_map(teacher, z, labels, lambda zz, lg: flow_map(zz, gen.codes, lg, **flow))
+            assert torch.equal(tok[:, :n2], full[:, :n2])
+        # the exported pipeline class takes the same teacher_fn
+        pipe = VARDDPipeline(vqvae=teacher.vqvae, transformer=st, num_inference_steps=1)
+        fn = teacher_span_fn(teacher, gen.codes, flow, sampler, gens())
+        out = pipe(class_labels=labels, noise=z, teacher_fn=fn, teacher_steps=1, output_type="tokens").images
+        ref, _ = gen.generate(z, labels, teacher=teacher, teacher_steps=1, generator=gens(), **kw)
+        assert torch.equal(out, ref)
+    with pytest.raises(ValueError, match="needs the VAR teacher"):
+        gen.generate(z, labels, teacher_steps=1)
+    with pytest.raises(ValueError, match="teacher_steps must be in 0..2"):
+        gen.generate(z, labels, teacher=teacher, teacher_steps=3)
+    with pytest.raises(ValueError, match="second split point"):
+        VARDDGenerator.from_teacher(teacher, split_points=[0]).generate(z, labels, teacher=teacher, teacher_steps=1)
+
+
 def test_dd_trains_on_teacher_pairs_loss_falls_and_exports_for_plain_diffusers(teacher, tmp_path):
     torch.manual_seed(0)
     gen = VARDDGenerator.from_teacher(teacher, split_points=[0, 2], codebook_scale=1.0)

@@ -601,12 +601,29 @@ def teacher_span_fn(teacher, codes: Tensor, flow: dict | None = None, sampler: s
     ``sampler="flow"`` (default): each token is the teacher's closed-form flow map of the *same*
     noise (the teacher's conditional distribution given the prefix, deterministic in the noise;
     costs the flow ODE per token).  ``sampler="random"``: an ordinary inverse-CDF draw (DD1's
-    ``eval_combine_sample.py``), uniforms from ``generator`` (one ``torch.Generator``, or one per image)."""
+    ``eval_combine_sample.py``), uniforms from ``generator`` (one ``torch.Generator``, or one per image).
+
+    A VAR teacher (``token_order == "scales"``): prefix and ``stop`` are whole scales
+    (:meth:`~stepdistill.teachers.var.VARTeacher.span_fn`), each scale one KV-cached teacher step."""
     from ..pipelines.ar_image import cfg_logits, draw_uniforms, filter_logits, sample_tokens
 
     if sampler not in ("flow", "random"):
         raise ValueError(f"teacher sampler must be 'flow' or 'random', got {sampler!r}")
     flow = dict(flow or {})
+    if getattr(teacher, "token_order", None) == "scales":
+        from ..pipelines.var_model import var_draw_uniforms, var_sample_tokens
+
+        c = codes.to(teacher.device).float()
+
+        def scale_fn(z: Tensor, logits: Tensor) -> Tensor:
+            b, n, v = logits.shape
+            if sampler == "random":
+                return var_sample_tokens(logits, var_draw_uniforms(generator, b, n, logits.device))
+            zz, lg, rows = z.reshape(b * n, -1).float(), logits.reshape(b * n, v), 4096
+            return torch.cat([flow_map(zz[i : i + rows], c, lg[i : i + rows], **flow)
+                              for i in range(0, b * n, rows)]).long().reshape(b, n)
+
+        return teacher.span_fn(scale_fn)
 
     @torch.no_grad()
     def fn(labels: Tensor, prefix: Tensor, noise: Tensor, stop: int) -> Tensor:

@@ -256,13 +256,38 @@ class VARTeacher(nn.Module):
 
     # -- sampling -----------------------------------------------------------------------------------
     @torch.no_grad()
-    def generate(self, labels, choose, **settings: Any) -> Tensor:
+    def generate(self, labels, choose, num_scales: int | None = None, **settings: Any) -> Tensor:
         """KV-cached scale-wise decoding; ``choose(k, logits (B, n_k^2, V)) -> tokens (B, n_k^2)``.
-        Returns the flat tokens (B, num_tokens)."""
+        Returns the flat tokens (B, num_tokens), or of the first ``num_scales`` scales."""
         s = self.settings(**settings)
         labels = self.encode_conditions(labels)
         return var_generate(self.transformer, self.vqvae, labels, choose, guidance_scale=s["guidance_scale"],
-                            top_k=s["top_k"], top_p=s["top_p"], temperature=s["temperature"])
+                            top_k=s["top_k"], top_p=s["top_p"], temperature=s["temperature"],
+                            num_scales=num_scales)
+
+    def span_fn(self, scale_fn):
+        """``teacher_fn`` of teacher-involved DD sampling over scales: ``fn(labels, prefix (B, n), noise
+        (B, L, d), stop) -> tokens (B, tokens of the first stop scales)`` -- the prefix's whole scales
+        are fed as given (KV-cached, one teacher step per scale), each later scale up to ``stop`` is
+        ``scale_fn(z (B, n_k^2, d), logits (B, n_k^2, V)) -> (B, n_k^2)`` (the scale's noise and the
+        teacher's guided, filtered logits)."""
+        layout = self.scale_layout
+        ends = [0] + [e for _, e, _ in layout]
+
+        @torch.no_grad()
+        def fn(labels, prefix: Tensor, noise: Tensor, stop: int) -> Tensor:
+            pre, z = prefix.to(self.device).long(), noise.to(self.device)
+            if pre.shape[1] not in ends:
+                raise ValueError(f"the prefix must hold whole scales ({ends} tokens), got {pre.shape[1]}")
+            kept = ends.index(pre.shape[1])
+
+            def choose(si: int, logits: Tensor) -> Tensor:
+                a, e, _ = layout[si]
+                return pre[:, a:e] if si < kept else scale_fn(z[:, a:e], logits)
+
+            return self.generate(labels, choose, num_scales=int(stop))
+
+        return fn
 
     @torch.no_grad()
     def sample(self, n: int | None = None, class_labels=None, generator=None, decode: bool = False,
@@ -414,10 +439,26 @@ class VARDDGenerator(nn.Module):
 
         return var_dd_generate(self.transformer, self.codes, noise.float(), cond.long(), num_steps)
 
-    def generate(self, noise: Tensor, cond: Tensor, num_steps: int | None = None, **_: Any) -> tuple[Tensor, Tensor]:
-        """``DDStudent.generate``'s shape: ``(tokens (B, L), their flow-space codes (B, L, d))``
-        (teacher-involved sampling is not implemented for VAR)."""
-        tokens = self(noise, cond, num_steps)
+    def generate(self, noise: Tensor, cond: Tensor, num_steps: int | None = None, teacher=None,
+                 teacher_steps: int = 0, flow: dict | None = None, teacher_sampler: str = "flow",
+                 generator=None) -> tuple[Tensor, Tensor]:
+        """``DDStudent.generate``'s shape: ``(tokens (B, L), their flow-space codes (B, L, d))``; with
+        the VAR ``teacher`` and ``teacher_steps`` (in scales) the teacher-involved sampler
+        (:func:`~stepdistill.pipelines.var_model.var_dd_generate`; ``flow`` / ``teacher_sampler`` /
+        ``generator``: see ``stepdistill.algorithms.distilled_decoding.teacher_span_fn``)."""
+        from ..pipelines.var_model import var_dd_generate
+
+        fn = None
+        if teacher_steps:
+            if teacher is None:
+                raise ValueError("teacher_steps > 0 needs the VAR teacher (teacher=...)")
+            from ..algorithms.distilled_decoding import teacher_span_fn  # the flow map lives there
+
+            fn = teacher_span_fn(teacher, self.codes, flow, teacher_sampler, generator)
+            if num_steps is None:
+                num_steps = self.num_steps
+        tokens = var_dd_generate(self.transformer, self.codes, noise.float(), cond.long(), num_steps,
+                                 teacher_fn=fn, teacher_steps=teacher_steps)
         return tokens, self.codes[tokens]
 
     def decode(self, vqvae, tokens: Tensor, vectors: Tensor | None = None) -> Tensor:
