@@ -12,6 +12,7 @@ The small artefacts are copied to ``benchmarks/results/t2i_methods/`` (``compare
     python benchmarks/t2i_methods.py                                  # all presets (hours on 2 CPU cores)
     python benchmarks/t2i_methods.py --presets t2i/dmd2_1step t2i/vsd  # a subset
     python benchmarks/t2i_methods.py --work /tmp/t2i-methods --num-images 300
+    python benchmarks/t2i_methods.py --presets t2i/msd_k4 --results benchmarks/results/t2i_methods_2
 
 The teacher rows at the same N, seeds and prompts come from ``benchmarks/t2i_yardstick.py``.
 """
@@ -58,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="also score the teacher (DDIM, the presets' CFG 4.5) at this many steps; 0 = no row")
     p.add_argument("--one-at-a-time", action="store_true",
                    help="run compare once per preset so artefacts are copied after each method")
+    p.add_argument("--results", default=str(RESULTS),
+                   help="where the small artefacts are copied (default: benchmarks/results/t2i_methods)")
     args = p.parse_args(argv)
 
     from stepdistill.compare import compare
@@ -70,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         compare("t2i", presets, work, steps=args.steps, num_images=args.num_images, seeds=seeds,
                 curve_every=args.curve_every, command=command, teacher_reference=args.teacher_reference,
                 teacher_steps=args.teacher_steps or None)
-        print("copied", copy_artefacts(work, RESULTS), "to", RESULTS, flush=True)
+        print("copied", copy_artefacts(work, Path(args.results)), "to", args.results, flush=True)
     return 0
 
 
