@@ -34,6 +34,7 @@ HARDWARE = {
     "sd3/dmd2": (8, "80GB", "8-16x A100/H100-80GB (planned at 8)"),
     "imagenet/msd_dit": (32, "80GB", "4x8 A100-80GB"),
     "llamagen/dd": (8, "80GB", "8x A800-80GB"),
+    "var/dd": (8, "80GB", "8x A800-80GB"),
     "flux/dmd2_lora": (8, "80GB", "8x H100-80GB"),
 }
 

@@ -83,6 +83,17 @@ LLAMAGEN_L_LM = {
     "max_position_embeddings": 512,
 }
 
+VAR_PATCH_NUMS = [1, 2, 3, 4, 5, 6, 8, 10, 13, 16]
+VAR_VQVAE = {  # FoundationVision/VAR vae_ch160v4096z32 (build_vae_var's VQVAE arguments)
+    "vocab_size": 4096, "z_channels": 32, "ch": 160, "ch_mult": [1, 1, 2, 2, 4], "num_res_blocks": 2,
+    "using_sa": True, "using_mid_sa": True, "quant_resi": 0.5, "share_quant_resi": 4,
+    "v_patch_nums": VAR_PATCH_NUMS,
+}
+VAR_D16 = {  # VAR-d16: width 64 * 16, 16 heads, attn_l2_norm, no shared adaLN
+    "vocab_size": 4096, "z_channels": 32, "num_classes": 1000, "depth": 16, "embed_dim": 1024, "num_heads": 16,
+    "mlp_ratio": 4.0, "norm_eps": 1e-6, "shared_aln": False, "attn_l2_norm": True, "patch_nums": VAR_PATCH_NUMS,
+}
+
 _SD15 = {"_class_name": "StableDiffusionPipeline", "unet": ("diffusers", "UNet2DConditionModel", SD15_UNET),
          "text_encoder": ("transformers", "CLIPTextModel", CLIP_L), "vae": ("diffusers", "AutoencoderKL", SD_VAE),
          "text_seq_len": 77}
@@ -132,6 +143,13 @@ ARCHITECTURES: dict[str, dict[str, Any]] = {
     },
 }
 ARCHITECTURES["llamagen-l"] = ARCHITECTURES["checkpoints/llamagen-l-ar"]
+ARCHITECTURES["checkpoints/var-d16"] = {  # VAR-d16 + vae_ch160v4096z32 as convert_var writes them
+    "_class_name": "VARPipeline",
+    "vqvae": ("var_model", "VARVQVAE", VAR_VQVAE),
+    "transformer": ("var_model", "VARTransformer", VAR_D16),
+    "num_classes": 1000,
+}
+ARCHITECTURES["var-d16"] = ARCHITECTURES["checkpoints/var-d16"]
 
 #: denoiser parameter counts the recorded configs must give (published sizes; tests/test_plan.py)
 PARAMETER_COUNTS = {
@@ -143,6 +161,7 @@ PARAMETER_COUNTS = {
     # AdaLayerNormZero (the paper's 675M share one), so the folder's denoiser is 750M parameters
     "facebook/DiT-XL-2-256": 749_826_464,
     "black-forest-labs/FLUX.1-dev": 11_901_408_320,
+    "checkpoints/var-d16": 310_283_520,  # VAR-d16 ("310M" in the VAR model zoo)
 }
 
 __all__ = ["ARCHITECTURES", "PARAMETER_COUNTS"]

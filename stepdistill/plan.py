@@ -131,7 +131,10 @@ def _instantiate(lib: str, cls_name: str, config: dict, where: str) -> nn.Module
     import diffusers
     import transformers
 
-    module = transformers if lib == "transformers" else diffusers
+    if lib == "var_model":  # the self-contained VAR classes (stepdistill.pipelines.var_model)
+        from .pipelines import var_model as module
+    else:
+        module = transformers if lib == "transformers" else diffusers
     cls = getattr(module, cls_name, None)
     if cls is None:
         raise ConfigError(f"{where}: component class {lib}.{cls_name} is not installed")
@@ -151,6 +154,12 @@ _FROZEN_NAMES = ("text_encoder", "text_encoder_2", "text_encoder_3", "vae", "vqv
 
 def _from_components(components: dict[str, tuple[str, str, dict]], index: dict, source: str,
                      sample_shape=None) -> TeacherArch:
+    if "transformer" in components and components["transformer"][1] == "VARTransformer":
+        tr = _instantiate(*components["transformer"], where=source)
+        vq = _instantiate(*components["vqvae"], where=source) if "vqvae" in components else None
+        return TeacherArch(source, "ar", tr, "transformer", {"vqvae": vq} if vq is not None else {},
+                           sample_shape=(int(tr.L),), num_classes=int(tr.num_classes),
+                           extra={"var": True, "patch_nums": list(tr.patch_nums), "codebook_size": int(tr.V)})
     if "transformer" in components and components["transformer"][1] == "LlamaForCausalLM":
         lm = _instantiate(*components["transformer"], where=source)
         vq = _instantiate(*components["vqvae"], where=source) if "vqvae" in components else None
@@ -193,7 +202,7 @@ def _folder_arch(path: Path, sample_shape=None) -> TeacherArch:
     index = json.loads(index_file.read_text())
     components = {}
     for name, entry in index.items():
-        if not (isinstance(entry, list) and len(entry) == 2 and entry[0] in ("diffusers", "transformers")):
+        if not (isinstance(entry, list) and len(entry) == 2 and entry[0] in ("diffusers", "transformers", "var_model")):
             continue
         cfg_file = path / name / "config.json"
         if cfg_file.exists():
@@ -339,6 +348,14 @@ def _meta_inputs(arch: TeacherArch, net: nn.Module, batch: int, dtype: torch.dty
     cfg = getattr(net, "config", None)
     cfg = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg or {})
     cls = type(net).__name__
+    if cls == "VARTransformer":  # teacher-forced next-scale logits: labels + the scales' inputs
+        x = torch.zeros(batch, net.L - net.first_l, net.Cvae, **meta).requires_grad_(input_grad)
+        return (torch.zeros(batch, dtype=torch.long, device="meta"), x), {}
+    if cls == "_VARDDLogits":  # the DD student over scales: noise / codes (B, L, Cvae) + indicator
+        st = net.student
+        x = torch.zeros(batch, st.L, st.Cvae, **meta).requires_grad_(input_grad)
+        return (x, torch.zeros(batch, dtype=torch.long, device="meta"),
+                torch.zeros(batch, st.L, dtype=torch.bool, device="meta")), {}
     if arch.kind == "ar":
         n = arch.sample_shape[0] + 1
         x = torch.zeros(batch, n, net.config.hidden_size, **meta).requires_grad_(input_grad)
@@ -756,6 +773,8 @@ def _dd_recipe(ctx: _Ctx, params: dict) -> Recipe:
     arch = ctx.arch
     if arch.kind != "ar":
         raise ConfigError("Distilled Decoding needs an autoregressive teacher (teacher.kind=ar)")
+    if arch.extra.get("var"):
+        return _var_dd_recipe(arch, params)
     vq = arch.frozen.get("vqvae")
     d = int(vq.config.vq_embed_dim or vq.config.latent_channels) if vq is not None else 8
     layout = dd_layout(arch.extra["codebook_size"], arch.num_classes, d)
@@ -766,6 +785,42 @@ def _dd_recipe(ctx: _Ctx, params: dict) -> Recipe:
     n = _numel(net)
     g = Group("generator", n, units=_fsdp_units(net), parts={"LM with extended vocabulary": n})
     return Recipe([g], [Phase("generator", ["generator"], [Forward("generator", net, label="student LM")])])
+
+
+class _VARDDLogits(nn.Module):
+    """The training forward of a VAR DD student (``VARDDStudent.logits``) as a module call."""
+
+    def __init__(self, student: nn.Module):
+        super().__init__()
+        self.student = student
+
+    def forward(self, x, labels, is_data):
+        return self.student.logits(x, labels, is_data)
+
+
+def _var_dd_recipe(arch: TeacherArch, params: dict) -> Recipe:
+    """DD over VAR scales: the student is the teacher's ``DD_Model`` layout (one extra leading scale,
+    the indicator embedding and its per-layer projections), every scale trained in one pass."""
+    from .pipelines.var_model import VARDDStudent
+
+    cfg = dict(arch.denoiser.config)
+    keep = ("vocab_size", "z_channels", "num_classes", "depth", "embed_dim", "num_heads", "mlp_ratio", "norm_eps",
+            "shared_aln", "attn_l2_norm", "patch_nums")
+    split_points = params.get("split_points") or [0]
+    try:
+        with torch.device("meta"):
+            st = VARDDStudent(**{k: cfg[k] for k in keep if k in cfg}, split_points=list(split_points),
+                              use_layerwise_n_d_embed=bool(params.get("layerwise_n_d_embed", True)))
+    except ValueError as e:  # split points that do not fit the teacher's scales
+        raise ConfigError(f"algorithm.params.split_points: {e}") from e
+    st.requires_grad_(True)
+    n = _numel(st)
+    net = _VARDDLogits(st)
+    g = Group("generator", n, units=_fsdp_units(st),
+              parts={"VAR DD student (teacher + 1x1 scale + indicator projections)": n})
+    return Recipe([g], [Phase("generator", ["generator"], [Forward("generator", net, label="VAR DD student")])],
+                  notes=["pair generation (no grad) is not in the peak: the per-token flow map's (rows, V, d) "
+                         "tensors are transient, bounded by the chunk of 4096 rows"])
 
 
 RECIPES = {"dmd2": _dmd2_recipe, "vsd": _vsd_recipe, "boot": _boot_recipe, "disback": _disback_recipe,
@@ -833,8 +888,9 @@ def _frozen_rows(arch: TeacherArch, cfg: RunConfig) -> tuple[list[Row], float]:
     host = 0.0
     for name, m in arch.frozen.items():
         k = _numel(m)
-        nb = k * (4 if name == "vae" else b)
-        dt = "float32" if name == "vae" else tdt
+        fp32 = name == "vae" or (name == "vqvae" and arch.extra.get("var"))  # VAR's f-hat sums stay float32
+        nb = k * (4 if fp32 else b)
+        dt = "float32" if fp32 else tdt
         if offload and name != "vqvae":
             host += nb
             rows.append(Row(f"teacher {name} (offloaded to host, {dt})", k, 0, 0, 0, 0, note=f"{format_bytes(nb)} in host memory"))

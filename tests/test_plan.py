@@ -199,7 +199,7 @@ def test_cli(sd_folder, tmp_path, capsys):
 # -- paper presets plan from configs alone ------------------------------------------------------
 
 PAPER_PRESETS = ["sd15/dmd2", "sd21/vsd", "sdxl/dmd2_1step", "sdxl/dmd2_4step", "sdxl/disback_dmd2", "sd3/dmd2",
-                 "imagenet/msd_dit", "llamagen/dd", "flux/dmd2_lora"]
+                 "imagenet/msd_dit", "llamagen/dd", "var/dd", "flux/dmd2_lora"]
 
 
 @pytest.fixture
@@ -244,3 +244,56 @@ def test_paper_preset_headers_carry_their_recorded_plan():
         from stepdistill.config import load_config
 
         load_config(row["preset"])  # still loads
+
+
+# -- VAR teachers (self-contained var_model classes) ----------------------------------------------
+
+
+def test_var_folder_plans_dd_and_the_estimate_matches_a_real_forward(tmp_path):
+    """A converted VAR folder is read from its configs; the DD student's size equals the real
+    ``VARDDStudent.from_teacher``'s, the VQVAE is counted in float32 (f-hat sums) and the activation
+    estimate is within 5% of what autograd saves in a real CPU forward of the student."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_var import PNS, official_vae_state, official_var_state
+
+    from stepdistill.config import TeacherConfig, load_config
+    from stepdistill.plan import _var_dd_recipe
+    from stepdistill.teachers.convert_var import convert_var
+    from stepdistill.teachers.var import VARDDGenerator
+
+    teacher = convert_var(official_vae_state(), official_var_state(), patch_nums=PNS)
+    folder = teacher.save_pretrained(tmp_path / "var")
+    arch = teacher_arch(TeacherConfig(kind="ar", path=str(folder)))
+    assert arch.kind == "ar" and arch.extra["var"] and arch.sample_shape == (teacher.num_tokens,)
+    assert all(p.device.type == "meta" for p in arch.denoiser.parameters())
+    recipe = _var_dd_recipe(arch, {"split_points": [0, 2]})
+    student = VARDDGenerator.from_teacher(teacher, [0, 2]).transformer.requires_grad_(True)
+    assert recipe.groups[0].trainable == sum(p.numel() for p in student.parameters())
+    est = measure_activations(arch, recipe.phases[0].forwards[0].net, 4).saved
+    params = {p.data_ptr() for p in student.parameters()}
+    saved = {}
+
+    def pack(t):
+        b = t._base if t._base is not None else t
+        if b.data_ptr() not in params:
+            saved[b.data_ptr()] = b.untyped_storage().nbytes()
+        return t
+
+    n = student.L
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = student.logits(torch.randn(4, n, student.Cvae), torch.zeros(4, dtype=torch.long),
+                             torch.zeros(4, n, dtype=torch.bool))
+    real = sum(saved.values()) + out.numel() * 4
+    assert abs(est - real) / real < 0.05, (est, real)
+    from stepdistill.config import ConfigError
+
+    over = [f"teacher.path={folder}", "teacher.dtype=bfloat16", "train.batch_size=4"]
+    with pytest.raises(ConfigError, match="split_points"):  # the preset's [0, 5] on a 3-scale teacher
+        plan_config(load_config("var/dd", over), gpus=1, gpu_memory="1TB", suggest=False)
+    cfg = load_config("var/dd", [*over, "algorithm.params.split_points=[0,2]"])
+    plan = plan_config(cfg, gpus=1, gpu_memory="1TB", suggest=False)
+    vq = _row(plan, "teacher vqvae")
+    assert "float32" in vq.name and vq.weights == 4 * sum(p.numel() for p in teacher.vqvae.parameters())
