@@ -60,9 +60,14 @@ Distilled Decoding over scales (:class:`VARDDStudent`, :func:`var_dd_generate`; 
     first ``t`` scales hold data, the rest noise.  Step 1 (``t = 0``): all noise -> argmax tokens of
     every scale in one pass; step 2 (``t = t_2``): the step-1 tokens of the scales ``< t_2`` as data,
     the *same* noise after, the predictions from scale ``t_2`` on replace step 1's.  Tokens are
-    decoded through ``f_hat`` like the teacher's.  Not implemented: DD's continuous head
-    (``final_layer_conti``, used after ``loss_split_t``); this student predicts every scale with the
-    logits head (argmax), as the LlamaGen DD student in this package does.
+    decoded through ``f_hat`` like the teacher's.  Continuous head (DD's ``final_layer_conti``, on with
+    config ``split_t``, a scale index like DD's ``loss_split_t``): a PixArt-style final layer on the
+    last block's output plus the last indicator projection -- ``LayerNorm`` without affine, then
+    ``h * (1 + scale) + shift`` with ``(shift, scale) = scale_shift_table + class embedding``, then
+    ``Linear(C -> Cvae)`` (zero at init) -- predicting each token's flow-space vector.  Predicted
+    scales ``< split_t`` take the argmax code, scales ``>= split_t`` the head's vectors; the image is
+    decoded from the vectors (divided back by ``codebook_scale``, not snapped to the codebook;
+    ``output_type="tokens"`` reports the nearest codes there).
 """
 
 from __future__ import annotations
@@ -98,6 +103,8 @@ __all__ = [
     "var_generate",
     "var_dd_generate",
     "var_dd_inputs",
+    "var_dd_predict",
+    "var_nearest_codes",
 ]
 
 #: the file name (without ``.py``) this module is written to beside exported weights
@@ -442,6 +449,19 @@ class VARVQVAE(ModelMixin, ConfigMixin):
     def decode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """Flat multi-scale tokens (B, L) -> images (B, C, H, W) in [-1, 1] (via ``f_hat``)."""
         return self.fhat_to_img(self.tokens_to_fhat(tokens))
+
+    def vectors_to_fhat(self, vectors: torch.Tensor) -> torch.Tensor:
+        """``f_hat`` of per-token vectors (B, L, Cvae) in codebook space (not snapped to the codebook)."""
+        b, n, c = vectors.shape
+        if n != self.num_tokens:
+            raise ValueError(f"expected {self.num_tokens} token vectors (scales {self.patch_nums}), got {n}")
+        ms_h = [vectors[:, a:e].float().transpose(1, 2).reshape(b, c, pn, pn)
+                for (a, e, pn) in scale_layout(self.patch_nums)]
+        return self.quantize.embed_to_fhat(ms_h)
+
+    def decode_vectors(self, vectors: torch.Tensor) -> torch.Tensor:
+        """Per-token vectors (B, L, Cvae) -> images in [-1, 1] (via ``f_hat``)."""
+        return self.fhat_to_img(self.vectors_to_fhat(vectors))
 
     def encode_tokens(self, x: torch.Tensor) -> torch.Tensor:
         """Images in [-1, 1] -> flat multi-scale tokens (B, L)."""
@@ -798,6 +818,26 @@ def var_generate(transformer: VARTransformer, vqvae: VARVQVAE, labels: torch.Ten
 # Distilled Decoding over scales
 
 
+class _ContinuousHead(nn.Module):
+    """DD's continuous head (PixArt's final layer, conditioned on the class embedding): ``Linear(C ->
+    Cvae)(LayerNorm(h) * (1 + scale) + shift)``, ``(shift, scale) = scale_shift_table + cond``; the
+    projection starts at zero."""
+
+    def __init__(self, c: int, cvae: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(c, elementwise_affine=False, eps=1e-6)
+        self.scale_shift_table = nn.Parameter(torch.randn(2, c) / c**0.5)
+        self.linear = nn.Linear(c, cvae)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, h: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        mod = self.scale_shift_table[None].float() + cond[:, None, :].float()
+        shift, scale = mod[:, 0:1], mod[:, 1:2]
+        x = self.norm(h.float()) * (1 + scale) + shift
+        return self.linear(x.to(self.linear.weight.dtype)).float()
+
+
 class VARDDStudent(ModelMixin, ConfigMixin):
     r"""DD's ``DD_Model`` over VAR (see the module docstring): noise (B, L, Cvae) + labels -> logits of
     every token in one pass.  ``split_points`` are scale indices (``[0]`` one step, ``[0, t_2]`` two);
@@ -820,6 +860,7 @@ class VARDDStudent(ModelMixin, ConfigMixin):
         split_points: list[int] | None = None,
         codebook_scale: float = 1.0,
         use_layerwise_n_d_embed: bool = True,
+        split_t: int | None = None,
     ):
         super().__init__()
         self.__module__ = COMPONENT_MODULE
@@ -827,6 +868,8 @@ class VARDDStudent(ModelMixin, ConfigMixin):
         sp = [0] if split_points is None else [int(t) for t in split_points]
         if not sp or sp[0] != 0 or any(a >= b for a, b in zip(sp, sp[1:])) or sp[-1] >= len(pns):
             raise ValueError(f"split_points must start at 0 and increase below {len(pns)} scales, got {sp}")
+        if split_t is not None and not 0 <= int(split_t) < len(pns):
+            raise ValueError(f"split_t must be None or a scale index in 0..{len(pns) - 1}, got {split_t}")
         self.register_to_config(patch_nums=pns, split_points=sp)
         c = int(embed_dim)
         self.C = c
@@ -855,6 +898,7 @@ class VARDDStudent(ModelMixin, ConfigMixin):
             self.layerwise_n_d_embed = None
         self.head_nm = _AdaLNBeforeHead(c, c, norm_eps)
         self.head = nn.Linear(c, self.V)
+        self.final_layer_conti = _ContinuousHead(c, self.Cvae) if split_t is not None else None
         ids = torch.cat([torch.zeros(1, dtype=torch.long)] + [torch.full((p * p,), i + 1) for i, p in enumerate(pns)])
         self.register_buffer("lvl_1L", ids.view(1, -1), persistent=False)
 
@@ -870,9 +914,16 @@ class VARDDStudent(ModelMixin, ConfigMixin):
         """Number of image tokens in the first ``t`` scales (the data prefix of split point ``t``)."""
         return sum(p * p for p in self.patch_nums[: int(t)])
 
+    @property
+    def split_t_token(self) -> int | None:
+        """First token position the continuous head predicts (``None`` without the head)."""
+        st = self.config.get("split_t")
+        return None if st is None else self.data_tokens(int(st))
+
     @classmethod
     def from_teacher(cls, transformer: VARTransformer, split_points, codebook_scale: float = 1.0,
-                     layerwise_n_d_embed: bool = True, generator: torch.Generator | None = None) -> VARDDStudent:
+                     layerwise_n_d_embed: bool = True, generator: torch.Generator | None = None,
+                     split_t: int | None = None) -> VARDDStudent:
         """DD's ``init_with_teacher``: copy ``word_embed``, ``class_emb``, ``pos_start``, the blocks,
         ``shared_ada_lin``, ``head_nm`` and ``head``; ``lvl_embed`` / ``pos_1LC`` gain the new leading
         1x1 scale (teacher rows 0 -> 0, k >= 1 -> k + 1; the new row 1 random).  The indicator
@@ -884,7 +935,7 @@ class VARDDStudent(ModelMixin, ConfigMixin):
             embed_dim=cfg.embed_dim, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio, norm_eps=cfg.norm_eps,
             shared_aln=cfg.shared_aln, attn_l2_norm=cfg.attn_l2_norm, patch_nums=list(cfg.patch_nums),
             split_points=list(split_points), codebook_scale=float(codebook_scale),
-            use_layerwise_n_d_embed=layerwise_n_d_embed,
+            use_layerwise_n_d_embed=layerwise_n_d_embed, split_t=split_t,
         )
         src = {k: v.detach().float() for k, v in transformer.state_dict().items()}
         with torch.no_grad():
@@ -906,6 +957,10 @@ class VARDDStudent(ModelMixin, ConfigMixin):
     def logits(self, x: torch.Tensor, labels: torch.Tensor, is_data: torch.Tensor) -> torch.Tensor:
         """Logits (B, L, V) of every token: ``x`` (B, L, Cvae) noise / flow-space codes, ``is_data``
         (B, L) bool (the sos counts as data)."""
+        return self.predict(x, labels, is_data, need_vectors=False)[0]
+
+    def predict(self, x: torch.Tensor, labels: torch.Tensor, is_data: torch.Tensor, need_vectors: bool = True):
+        """``(logits (B, L, V), continuous-head vectors (B, L, Cvae) or None)`` of one pass."""
         b = x.shape[0]
         labels = labels.long().to(x.device)
         sos = cond = self.class_emb(labels)
@@ -921,8 +976,12 @@ class VARDDStudent(ModelMixin, ConfigMixin):
             extra = self.layerwise_n_d_embed[i](nd) if self.layerwise_n_d_embed is not None else nd
             h = blk(h, ada, mask, n_d_emb=extra)
         nd_out = self.layerwise_n_d_embed[-1](nd) if self.layerwise_n_d_embed is not None else nd
-        h = self.head_nm(h.float() + nd_out.float(), cond)
-        return self.head(h.to(self.head.weight.dtype)).float()[:, 1:]
+        h = h.float() + nd_out.float()
+        logits = self.head(self.head_nm(h, cond).to(self.head.weight.dtype)).float()[:, 1:]
+        cont = None
+        if need_vectors and self.final_layer_conti is not None:
+            cont = self.final_layer_conti(h, cond)[:, 1:]
+        return logits, cont
 
     def forward(self, noise: torch.Tensor, labels: torch.Tensor, codes: torch.Tensor, num_steps: int | None = None):
         """Tokens (B, L) for noise (B, L, Cvae) and class ids; ``codes`` (V, Cvae) in flow space."""
@@ -935,22 +994,44 @@ class VARDDStudent(ModelMixin, ConfigMixin):
 
 
 def var_dd_inputs(student: VARDDStudent, noise: torch.Tensor, codes: torch.Tensor, tokens: torch.Tensor | None,
-                  t: int):
-    """``(x, is_data)`` of split point ``t`` (scales): flow-space codes of ``tokens`` in the first
-    ``t`` scales, the noise after (DD's ``perturb_data``)."""
+                  t: int, vectors: torch.Tensor | None = None):
+    """``(x, is_data)`` of split point ``t`` (scales): the first ``t`` scales hold data -- ``vectors``
+    (B, L, Cvae) in flow space when given, else the flow-space codes of ``tokens`` -- the noise after
+    (DD's ``perturb_data``)."""
     n = student.data_tokens(t)
     is_data = torch.zeros(noise.shape[:2], dtype=torch.bool, device=noise.device)
-    if n == 0 or tokens is None:
+    if n == 0 or (tokens is None and vectors is None):
         return noise, is_data
     x = noise.clone()
-    x[:, :n] = codes[tokens[:, :n].long()].to(noise.dtype)
+    x[:, :n] = (vectors[:, :n] if vectors is not None else codes[tokens[:, :n].long()]).to(noise.dtype)
     is_data[:, :n] = True
     return x, is_data
 
 
+def var_nearest_codes(vectors: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest code (B, n) of flow-space ``vectors`` (B, n, d)."""
+    c = codes.to(vectors.dtype)
+    return (c.pow(2).sum(-1) - 2 * vectors @ c.T).argmin(-1)
+
+
+def var_dd_predict(student: VARDDStudent, logits: torch.Tensor, cont, codes: torch.Tensor):
+    """Output assembly of one pass: ``(tokens (B, L), flow-space vectors (B, L, d))`` -- the argmax
+    code, or from the head's first position on (``split_t``) its vectors and their nearest codes."""
+    tokens = logits.argmax(-1)
+    vectors = codes[tokens]
+    st = student.split_t_token
+    if cont is not None and st is not None and st < tokens.shape[1]:
+        vectors = torch.cat([vectors[:, :st], cont[:, st:].to(vectors.dtype)], 1)
+        tokens = torch.cat([tokens[:, :st], var_nearest_codes(cont[:, st:].to(codes.dtype), codes)], 1)
+    return tokens, vectors
+
+
 def var_dd_generate(student: VARDDStudent, codes: torch.Tensor, noise: torch.Tensor, labels: torch.Tensor,
-                    num_steps: int | None = None, teacher_fn=None, teacher_steps: int = 0) -> torch.Tensor:
-    """Tokens (B, L) of every scale in ``num_steps`` passes (default: all split points).
+                    num_steps: int | None = None, teacher_fn=None, teacher_steps: int = 0,
+                    return_vectors: bool = False):
+    """Tokens (B, L) of every scale in ``num_steps`` passes (default: all split points); with
+    ``return_vectors`` also the flow-space vectors (B, L, d) the image is decoded from (the head's at
+    scales ``>= split_t``, else the codes of the tokens).
 
     Teacher-involved sampling (DD1's combined sampler, counted in *scales*): ``teacher_steps = k > 0``
     with a second split point ``t_2`` and ``teacher_fn(labels, prefix (B, n), noise (B, L, d),
@@ -975,7 +1056,7 @@ def var_dd_generate(student: VARDDStudent, codes: torch.Tensor, noise: torch.Ten
         if not 0 < teacher_steps <= sp[1]:
             raise ValueError(f"teacher_steps must be in 0..{sp[1]} scales (the second split point), got {teacher_steps}")
     codes = codes.to(device=noise.device, dtype=torch.float32)
-    tokens = None
+    tokens = vectors = None
     for step in range(k):
         t = sp[step]
         if step == 1 and teacher_steps:
@@ -985,11 +1066,17 @@ def var_dd_generate(student: VARDDStudent, codes: torch.Tensor, noise: torch.Ten
             if tuple(prefix.shape) != (tokens.shape[0], n_t):
                 raise ValueError(f"teacher_fn returned shape {tuple(prefix.shape)}; expected ({tokens.shape[0]}, {n_t})")
             tokens = torch.cat([prefix, tokens[:, n_t:]], 1)
-        x, is_data = var_dd_inputs(student, noise.float(), codes, tokens, t)
-        pred = student.logits(x, labels, is_data).argmax(-1)
+            vectors = torch.cat([codes[prefix].to(vectors.dtype), vectors[:, n_t:]], 1)
+        x, is_data = var_dd_inputs(student, noise.float(), codes, tokens, t, vectors)
+        logits, cont = student.predict(x, labels, is_data)
+        pred, pvec = var_dd_predict(student, logits, cont, codes)
         n = student.data_tokens(t)
-        tokens = pred if tokens is None else torch.cat([tokens[:, :n], pred[:, n:]], 1)
-    return tokens
+        if tokens is None:
+            tokens, vectors = pred, pvec
+        else:
+            tokens = torch.cat([tokens[:, :n], pred[:, n:]], 1)
+            vectors = torch.cat([vectors[:, :n], pvec[:, n:]], 1)
+    return (tokens, vectors) if return_vectors else tokens
 
 
 # =============================================================================================
@@ -1128,8 +1215,13 @@ class VARDDPipeline(_SelfContainedPipeline):
         steps = self.config.num_inference_steps if num_inference_steps is None else int(num_inference_steps)
         if teacher_steps and num_inference_steps is None:
             steps = len(st.split_points)
-        tokens = var_dd_generate(st, self.flow_codebook().to(device), noise, labels, steps,
-                                 teacher_fn=teacher_fn, teacher_steps=teacher_steps)
-        image = tokens if output_type == "tokens" else _to_images(self.vqvae.decode_tokens(tokens), output_type)
+        tokens, vectors = var_dd_generate(st, self.flow_codebook().to(device), noise, labels, steps,
+                                          teacher_fn=teacher_fn, teacher_steps=teacher_steps, return_vectors=True)
+        if output_type == "tokens":
+            image = tokens
+        elif st.final_layer_conti is not None:  # the head's vectors, not snapped to the codebook
+            image = _to_images(self.vqvae.decode_vectors(vectors / float(st.config.codebook_scale)), output_type)
+        else:
+            image = _to_images(self.vqvae.decode_tokens(tokens), output_type)
         self.maybe_free_model_hooks()
         return ImagePipelineOutput(images=image) if return_dict else (image,)

@@ -794,8 +794,8 @@ class _VARDDLogits(nn.Module):
         super().__init__()
         self.student = student
 
-    def forward(self, x, labels, is_data):
-        return self.student.logits(x, labels, is_data)
+    def forward(self, x, labels, is_data):  # the head's saved tensors count too (it runs in training)
+        return self.student.predict(x, labels, is_data)[0]
 
 
 def _var_dd_recipe(arch: TeacherArch, params: dict) -> Recipe:
@@ -810,7 +810,8 @@ def _var_dd_recipe(arch: TeacherArch, params: dict) -> Recipe:
     try:
         with torch.device("meta"):
             st = VARDDStudent(**{k: cfg[k] for k in keep if k in cfg}, split_points=list(split_points),
-                              use_layerwise_n_d_embed=bool(params.get("layerwise_n_d_embed", True)))
+                              use_layerwise_n_d_embed=bool(params.get("layerwise_n_d_embed", True)),
+                              split_t=params.get("split_t"))
     except ValueError as e:  # split points that do not fit the teacher's scales
         raise ConfigError(f"algorithm.params.split_points: {e}") from e
     st.requires_grad_(True)

@@ -269,8 +269,8 @@ def test_var_folder_plans_dd_and_the_estimate_matches_a_real_forward(tmp_path):
     arch = teacher_arch(TeacherConfig(kind="ar", path=str(folder)))
     assert arch.kind == "ar" and arch.extra["var"] and arch.sample_shape == (teacher.num_tokens,)
     assert all(p.device.type == "meta" for p in arch.denoiser.parameters())
-    recipe = _var_dd_recipe(arch, {"split_points": [0, 2]})
-    student = VARDDGenerator.from_teacher(teacher, [0, 2]).transformer.requires_grad_(True)
+    recipe = _var_dd_recipe(arch, {"split_points": [0, 2], "split_t": 1})
+    student = VARDDGenerator.from_teacher(teacher, [0, 2], split_t=1).transformer.requires_grad_(True)
     assert recipe.groups[0].trainable == sum(p.numel() for p in student.parameters())
     est = measure_activations(arch, recipe.phases[0].forwards[0].net, 4).saved
     params = {p.data_ptr() for p in student.parameters()}
@@ -284,8 +284,8 @@ def test_var_folder_plans_dd_and_the_estimate_matches_a_real_forward(tmp_path):
 
     n = student.L
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = student.logits(torch.randn(4, n, student.Cvae), torch.zeros(4, dtype=torch.long),
-                             torch.zeros(4, n, dtype=torch.bool))
+        out = student.predict(torch.randn(4, n, student.Cvae), torch.zeros(4, dtype=torch.long),
+                              torch.zeros(4, n, dtype=torch.bool))[0]
     real = sum(saved.values()) + out.numel() * 4
     assert abs(est - real) / real < 0.05, (est, real)
     from stepdistill.config import ConfigError
@@ -293,7 +293,7 @@ def test_var_folder_plans_dd_and_the_estimate_matches_a_real_forward(tmp_path):
     over = [f"teacher.path={folder}", "teacher.dtype=bfloat16", "train.batch_size=4"]
     with pytest.raises(ConfigError, match="split_points"):  # the preset's [0, 5] on a 3-scale teacher
         plan_config(load_config("var/dd", over), gpus=1, gpu_memory="1TB", suggest=False)
-    cfg = load_config("var/dd", [*over, "algorithm.params.split_points=[0,2]"])
+    cfg = load_config("var/dd", [*over, "algorithm.params.split_points=[0,2]", "algorithm.params.split_t=1"])
     plan = plan_config(cfg, gpus=1, gpu_memory="1TB", suggest=False)
     vq = _row(plan, "teacher vqvae")
     assert "float32" in vq.name and vq.weights == 4 * sum(p.numel() for p in teacher.vqvae.parameters())

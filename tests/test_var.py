@@ -821,6 +821,7 @@ def test_distilled_decoding_trains_and_exports_a_var_student_from_the_preset(tea
         "algorithm.params.shard_size=8", "algorithm.params.generation_batch_size=8",
         "algorithm.params.flow_steps=4", "algorithm.params.storage_dtype=float32",
         f"algorithm.params.pairs_dir={tmp_path / 'pairs'}", "algorithm.params.split_points=[0, 2]",
+        "algorithm.params.split_t=1",  # the preset's head (scale 5 of 10) on the tiny 3-scale teacher
         f"train.output_dir={tmp_path / 'run'}", "train.max_steps=2", "train.batch_size=4",
         "train.warmup_steps=0", "train.mixed_precision=null", "train.ema_decay=null",
         "train.report_to=null", "train.progress=false", "train.sample_every_steps=0",
@@ -847,3 +848,111 @@ def test_distilled_decoding_trains_and_exports_a_var_student_from_the_preset(tea
     z = torch.randn(2, L, CVAE, generator=torch.Generator().manual_seed(0))
     toks = pipe(class_labels=[0, 3], noise=z, num_inference_steps=2, output_type="tokens").images
     assert toks.shape == (2, L) and int(toks.max()) < V
+    assert pipe.transformer.final_layer_conti is not None and pipe.transformer.config.split_t == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. the continuous head over scales (DD's final_layer_conti, split_t = loss_split_t in scales)
+
+
+def test_var_continuous_head_assembly_loss_and_plain_diffusers_export(teacher, tmp_path):
+    from stepdistill.pipelines.var_model import var_nearest_codes
+
+    torch.manual_seed(0)
+    gen = VARDDGenerator.from_teacher(teacher, split_points=[0, 2], codebook_scale=1.0, split_t=1)
+    st = gen.transformer
+    assert st.config.split_t == 1 and gen.split_t == 1 and gen.head is st.final_layer_conti
+    with pytest.raises(ValueError, match="split_t"):
+        VARDDGenerator.from_teacher(teacher, split_points=[0], split_t=3)  # 3 scales: 0..2
+    z = torch.randn(3, L, CVAE, generator=torch.Generator().manual_seed(2))
+    labels = torch.tensor([0, 1, 4])
+    is_data = torch.zeros(3, L, dtype=torch.bool)
+    with torch.no_grad():
+        logits, cont = gen.predict(z, labels, is_data)
+        assert cont.shape == (3, L, CVAE) and cont.abs().max() == 0  # the projection starts at zero
+        torch.testing.assert_close(logits, gen.logits(z, labels, is_data))
+        # the head reads the last block's output: a trained head moves its vectors, not the logits
+        for prm in gen.head.linear.parameters():
+            prm.normal_(0, 0.5)
+        logits2, cont = gen.predict(z, labels, is_data)
+        assert torch.equal(logits2, logits) and cont.abs().max() > 0
+        tok, vec = gen.generate(z, labels, num_steps=1)
+        s = gen.split_t  # scale 0 from the logits, scales >= 1 from the head (vectors unsnapped)
+        assert torch.equal(tok[:, :s], logits.argmax(-1)[:, :s]) and torch.equal(vec[:, :s], gen.codes[tok[:, :s]])
+        assert torch.equal(vec[:, s:], cont[:, s:]) and torch.equal(tok[:, s:], var_nearest_codes(cont[:, s:], gen.codes))
+        # two steps: the data scales of step 2 are step 1's *vectors* (DD's final_predict_conti)
+        tok2, vec2 = gen.generate(z, labels, num_steps=2)
+        n = st.data_tokens(2)
+        xin = z.clone()
+        xin[:, :n] = vec[:, :n]
+        _, c2 = gen.predict(xin, labels, torch.arange(L)[None].expand(3, -1) < n)
+        assert torch.equal(vec2[:, :n], vec[:, :n]) and torch.equal(vec2[:, n:], c2[:, n:])
+        img = gen.decode(teacher.vqvae, tok2, vec2)
+        torch.testing.assert_close(img, teacher.vqvae.decode_vectors(vec2))
+        assert not torch.equal(img, teacher.decode(tok2))  # not snapped to the codebook
+        # codes in, codes out: decode_vectors of the codebook vectors is decode_tokens
+        torch.testing.assert_close(teacher.vqvae.decode_vectors(teacher.codebook[tok2]), teacher.decode(tok2))
+    # loss: CE before the head's first token, L2 from it on; both fall in a few steps
+    g = torch.Generator().manual_seed(5)
+    noise = torch.randn(24, L, CVAE, generator=g)
+    lab = torch.arange(24) % NC
+    from stepdistill.algorithms.distilled_decoding import flow_map
+
+    tokens = var_token_map(teacher, noise, lab, lambda zz, lg: flow_map(zz, gen.codes, lg, num_steps=6,
+                                                                          dtype=torch.float32))
+    gen2 = VARDDGenerator.from_teacher(teacher, split_points=[0, 2], codebook_scale=1.0, split_t=1)
+
+    def losses():
+        with torch.no_grad():
+            return var_dd_loss(gen2, noise, tokens, lab, torch.Generator().manual_seed(0))[1]
+
+    before = losses()
+    assert set(before) == {"ce", "token_acc", "reg"}
+    torch.testing.assert_close(torch.tensor(before["reg"]), gen2.codes[tokens[:, 1:]].pow(2).mean(-1).mean(),
+                               rtol=0.2, atol=0.0)  # zero head at init: reg = mean square of the codes (draws vary t)
+    train_var_dd(gen2, {"noise": noise, "tokens": tokens, "labels": lab}, steps=25, batch_size=12, lr=3e-3)
+    after = losses()
+    assert after["reg"] < 0.8 * before["reg"] and after["ce"] < before["ce"], (before, after)
+    # export: the head is part of the student's weights; plain diffusers decodes from its vectors
+    gen.eval()
+    folder = export_var_dd(gen, teacher, tmp_path / "dd_head", num_inference_steps=2)
+    with torch.no_grad():
+        tok, vec = gen.generate(z, labels, num_steps=2)
+        expected_img = ((gen.decode(teacher.vqvae, tok, vec) + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1)
+    torch.save({"noise": z, "labels": labels}, tmp_path / "inputs.pt")
+    code = textwrap.dedent(
+        f"""
+        import json, sys, torch
+        from diffusers import DiffusionPipeline
+        inp = torch.load({str(tmp_path / "inputs.pt")!r}, weights_only=True)
+        pipe = DiffusionPipeline.from_pretrained({str(folder)!r}, trust_remote_code=True)
+        assert pipe.transformer.final_layer_conti is not None
+        tok = pipe(class_labels=inp["labels"], noise=inp["noise"], output_type="tokens").images
+        img = pipe(class_labels=inp["labels"], noise=inp["noise"], output_type="np").images
+        assert "stepdistill" not in sys.modules
+        print(json.dumps({{"tokens": tok.tolist(), "img": img.tolist()}}))
+        """
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "DIFFUSERS_VERBOSITY": "error"}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600,
+                         cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    assert got["tokens"] == tok.tolist()
+    np.testing.assert_allclose(np.array(got["img"]), expected_img.numpy(), atol=1e-5)
+
+
+def test_distilled_decoding_routes_split_t_to_a_var_student(teacher, tmp_path):
+    from stepdistill.algorithms.distilled_decoding import DDConfig, DistilledDecoding
+
+    dd = DistilledDecoding(teacher, DDConfig(split_points=[0, 2], split_t=2, pairs_dir=str(tmp_path / "p")))
+    assert dd.student.head is not None and dd.student.split_t == teacher.scale_layout[2][0]
+    g = torch.Generator().manual_seed(0)
+    batch = {"noise": torch.randn(6, L, CVAE, generator=g), "tokens": torch.randint(0, V, (6, L), generator=g),
+             "raw_cond": torch.arange(6) % NC}
+    out = dd.loss(batch, 0, "generator", {})
+    assert {"ce", "reg", "token_acc"} <= set(out.logs) and out.loss.requires_grad
+    out.loss.backward()
+    assert dd.student.head.linear.weight.grad.abs().sum() > 0  # the regression reaches the head
+    with pytest.raises(ValueError, match="rbf_tau"):
+        DistilledDecoding(teacher, DDConfig(split_points=[0, 2], rbf_tau=0.5, pairs_dir=str(tmp_path / "p")))

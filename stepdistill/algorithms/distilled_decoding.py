@@ -33,6 +33,8 @@ The pieces (research notes ``algos_boot_dd_msd.md`` §2):
    from the head; images are decoded from these vectors, the head's ones unsnapped
    (``pipelines/distilled_decoding.py``, whose folder holds the head as
    ``continuous_head.safetensors``).  ``split_t: None`` = no head (every position from the logits).
+   VAR teachers: ``split_t`` is a scale index (DD's ``loss_split_t``); the head sits on the last
+   block's output inside ``VARDDStudent`` (``pipelines/var_model.py``) and is saved with it.
 6. **Training** (§2.5): for each pair pick a split point ``t`` from ``split_points`` (``[0]`` =
    one-step student; ``[0, t_2]`` = the two-step variant, which also samples in one step); the
    input holds the pair's codebook vectors before ``t`` and its noise from ``t`` on; the loss on the
@@ -685,7 +687,7 @@ class DDConfig:
     rbf_tau: float | None = (
         None  # codebook-RBF input feature width (flow-space units); None = DD's linear input
     )
-    split_t: int | None = None  # continuous head from this position on (None = no head, CE everywhere)
+    split_t: int | None = None  # continuous head from this position (VAR: scale) on (None = no head, CE everywhere)
     regression_weight: float = 1.0  # weight of the head's L2 loss (per position, vs CE per position)
     generator_lr: float = 5e-4
     label_smoothing: float = 0.0
@@ -736,9 +738,9 @@ class DistilledDecoding(Distiller):
         if scales:
             from ..teachers.var import VARDDGenerator
 
-            if c.split_t is not None or c.rbf_tau is not None:
-                raise ValueError("a VAR student has no continuous head or RBF input yet: unset split_t and rbf_tau")
-            self.student = VARDDGenerator.from_teacher(teacher, sp, self.scale)
+            if c.rbf_tau is not None:
+                raise ValueError("a VAR student reads the noise / codes through word_embed (no RBF input): unset rbf_tau")
+            self.student = VARDDGenerator.from_teacher(teacher, sp, self.scale, split_t=c.split_t)
         else:
             self.student = DDStudent.from_teacher(teacher, codes, sp, self.scale, c.rbf_tau, c.split_t)
         self._pairs: dict[str, Tensor] | None = None  # the whole set, only when a tool asks (ensure_pairs)

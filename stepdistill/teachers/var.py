@@ -397,8 +397,11 @@ class VARDDGenerator(nn.Module):
 
     @classmethod
     def from_teacher(cls, teacher: VARTeacher, split_points, codebook_scale: float = 1.0,
-                     layerwise_n_d_embed: bool = True) -> VARDDGenerator:
-        st = VARDDStudent.from_teacher(teacher.transformer, split_points, codebook_scale, layerwise_n_d_embed)
+                     layerwise_n_d_embed: bool = True, split_t: int | None = None) -> VARDDGenerator:
+        """``split_t`` (a scale index, DD's ``loss_split_t``): add the continuous head for the scales
+        from it on (zero output at init)."""
+        st = VARDDStudent.from_teacher(teacher.transformer, split_points, codebook_scale, layerwise_n_d_embed,
+                                       split_t=split_t)
         st.requires_grad_(True).train()
         return cls(st, (teacher.codebook.detach().float() * float(codebook_scale)).cpu())
 
@@ -423,21 +426,27 @@ class VARDDGenerator(nn.Module):
         ends = torch.tensor([0] + [e for _, e, _ in self.transformer.layout], device=split.device)
         return ends[split.long()]
 
-    #: no continuous head (DD's ``final_layer_conti``) yet: every scale is predicted by the logits head
-    split_t = None
-    head = None
+    @property
+    def split_t(self) -> int | None:
+        """First *token* position of the continuous head (the first token of scale
+        ``transformer.config.split_t``), as ``DDStudent.split_t``; ``None`` without the head."""
+        return self.transformer.split_t_token
+
+    @property
+    def head(self):
+        return self.transformer.final_layer_conti
 
     def logits(self, x: Tensor, labels: Tensor, is_data: Tensor) -> Tensor:
         return self.transformer.logits(x, labels, is_data)
 
-    def predict(self, x: Tensor, labels: Tensor, is_data: Tensor) -> tuple[Tensor, None]:
-        """``DDStudent.predict``'s shape: logits (B, L, V) and no continuous-head vectors."""
-        return self.logits(x, labels, is_data), None
+    def predict(self, x: Tensor, labels: Tensor, is_data: Tensor) -> tuple[Tensor, Tensor | None]:
+        """``DDStudent.predict``'s shape: logits (B, L, V) and the continuous head's flow-space
+        vectors (B, L, d) (``None`` without the head)."""
+        return self.transformer.predict(x, labels, is_data)
 
     def forward(self, noise: Tensor, cond: Tensor, num_steps: int | None = None, generator=None) -> Tensor:
-        from ..pipelines.var_model import var_dd_generate
-
-        return var_dd_generate(self.transformer, self.codes, noise.float(), cond.long(), num_steps)
+        """Tokens (B, L) (with the head: the nearest codes at its scales; :meth:`generate` gives the vectors)."""
+        return self.generate(noise, cond, num_steps)[0]
 
     def generate(self, noise: Tensor, cond: Tensor, num_steps: int | None = None, teacher=None,
                  teacher_steps: int = 0, flow: dict | None = None, teacher_sampler: str = "flow",
@@ -457,20 +466,25 @@ class VARDDGenerator(nn.Module):
             fn = teacher_span_fn(teacher, self.codes, flow, teacher_sampler, generator)
             if num_steps is None:
                 num_steps = self.num_steps
-        tokens = var_dd_generate(self.transformer, self.codes, noise.float(), cond.long(), num_steps,
-                                 teacher_fn=fn, teacher_steps=teacher_steps)
-        return tokens, self.codes[tokens]
+        return var_dd_generate(self.transformer, self.codes, noise.float(), cond.long(), num_steps,
+                               teacher_fn=fn, teacher_steps=teacher_steps, return_vectors=True)
 
     def decode(self, vqvae, tokens: Tensor, vectors: Tensor | None = None) -> Tensor:
-        """Images in [-1, 1] through ``f_hat`` (the tokens; no continuous head)."""
+        """Images in [-1, 1] through ``f_hat``: from the vectors (divided back by ``codebook_scale``,
+        not snapped) when the head is on, else from the tokens."""
+        if self.head is not None and vectors is not None:
+            return vqvae.decode_vectors(vectors / self.codebook_scale)
         return vqvae.decode_tokens(tokens)
 
 
 def var_dd_loss(generator: VARDDGenerator, noise: Tensor, tokens: Tensor, labels: Tensor,
-                rng: torch.Generator | None = None, label_smoothing: float = 0.0) -> tuple[Tensor, dict]:
-    """DD's training loss over scales (CE only, as ``DistilledDecoding.loss``): per pair a split point
-    ``t`` drawn from ``split_points``; the scales ``< t`` hold the pair's flow-space codes, the rest its
-    noise; cross-entropy to the pair's tokens on the noise positions."""
+                rng: torch.Generator | None = None, label_smoothing: float = 0.0,
+                regression_weight: float = 1.0) -> tuple[Tensor, dict]:
+    """DD's training loss over scales (as ``DistilledDecoding.loss``): per pair a split point ``t``
+    drawn from ``split_points``; the scales ``< t`` hold the pair's flow-space codes, the rest its
+    noise; on the noise positions cross-entropy to the pair's tokens -- with the continuous head,
+    only before its first position, and ``regression_weight`` x the head's L2 error to the pair's
+    flow-space codes from it on (both summed over positions, divided by their number)."""
     import torch.nn.functional as F
 
     device = generator.codes.device
@@ -481,14 +495,27 @@ def var_dd_loss(generator: VARDDGenerator, noise: Tensor, tokens: Tensor, labels
     n_data = generator.data_prefix(sp[pick])
     is_data = torch.arange(n, device=device)[None, :] < n_data[:, None]
     x = torch.where(is_data[..., None], generator.codes[tokens], noise)
-    logits = generator.logits(x, labels, is_data).float()
+    logits, cont = generator.predict(x, labels, is_data)
+    logits = logits.float()
     ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens.reshape(-1), reduction="none",
                          label_smoothing=label_smoothing).reshape(b, n)
-    target = (~is_data).float()
-    loss = (ce * target).sum() / target.sum().clamp_min(1.0)
+    target = ~is_data
+    count = target.float().sum().clamp_min(1.0)
+    ce_mask = target
+    reg_sum = None
+    if cont is not None:  # DD's regression for the head's scales (L2 in flow space), CE before them
+        pos = torch.arange(n, device=device)[None, :]
+        ce_mask = target & (pos < generator.split_t)
+        reg = (cont.float() - generator.codes[tokens]).pow(2).mean(-1)
+        reg_sum = (reg * (target & (pos >= generator.split_t)).float()).sum()
+    ce_sum = (ce * ce_mask.float()).sum()
+    loss = (ce_sum + (regression_weight * reg_sum if reg_sum is not None else 0.0)) / count
     with torch.no_grad():
-        acc = ((logits.argmax(-1) == tokens).float() * target).sum() / target.sum().clamp_min(1.0)
-    return loss, {"ce": float(loss.detach()), "token_acc": float(acc)}
+        acc = ((logits.argmax(-1) == tokens).float() * ce_mask.float()).sum() / ce_mask.float().sum().clamp_min(1.0)
+    logs = {"ce": float(ce_sum.detach() / ce_mask.float().sum().clamp_min(1.0)), "token_acc": float(acc)}
+    if reg_sum is not None:
+        logs["reg"] = float(reg_sum.detach() / (target.float().sum() - ce_mask.float().sum()).clamp_min(1.0))
+    return loss, logs
 
 
 def train_var_dd(generator: VARDDGenerator, pairs: dict[str, Tensor], steps: int, batch_size: int = 16,
