@@ -533,10 +533,32 @@ class _FFN(nn.Module):
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
 
 
+class _DropPath(nn.Module):
+    """Stochastic depth on a residual branch (per sample, rescaled by ``1 / keep``; identity in eval
+    or at ``p == 0``).  No parameters: the official key layout is unchanged."""
+
+    def __init__(self, p: float = 0.0):
+        super().__init__()
+        self.p = float(p)
+
+    def forward(self, x):
+        if self.p <= 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.p
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        return x * mask / keep
+
+
+def drop_path_rates(rate: float, depth: int) -> list[float]:
+    """VAR's per-block stochastic-depth rates: linear from 0 to ``rate`` over the blocks."""
+    return [float(r) for r in torch.linspace(0, float(rate), int(depth))] if depth else []
+
+
 class _AdaLNSelfAttn(nn.Module):
     def __init__(self, c: int, d: int, num_heads: int, mlp_ratio: float, eps: float, shared_aln: bool,
-                 attn_l2_norm: bool):
+                 attn_l2_norm: bool, drop_path: float = 0.0):
         super().__init__()
+        self.drop_path = _DropPath(drop_path)
         self.C = int(c)
         self.attn = _SelfAttention(c, num_heads, attn_l2_norm)
         self.ffn = _FFN(c, round(c * mlp_ratio))
@@ -552,10 +574,10 @@ class _AdaLNSelfAttn(nn.Module):
             g1, g2, s1, s2, b1, b2 = (self.ada_gss + cond).unbind(2)
         else:
             g1, g2, s1, s2, b1, b2 = self.ada_lin(cond).view(-1, 1, 6, self.C).unbind(2)
-        x = x + self.attn(self.ln_wo_grad(x) * (s1 + 1) + b1, attn_mask, cache, layer) * g1
+        x = x + self.drop_path(self.attn(self.ln_wo_grad(x) * (s1 + 1) + b1, attn_mask, cache, layer) * g1)
         if n_d_emb is not None:  # Distilled Decoding's per-layer indicator (DD's basic_var.py)
             x = x + n_d_emb
-        return x + self.ffn(self.ln_wo_grad(x) * (s2 + 1) + b2) * g2
+        return x + self.drop_path(self.ffn(self.ln_wo_grad(x) * (s2 + 1) + b2) * g2)
 
 
 class _AdaLNBeforeHead(nn.Module):
@@ -861,6 +883,7 @@ class VARDDStudent(ModelMixin, ConfigMixin):
         codebook_scale: float = 1.0,
         use_layerwise_n_d_embed: bool = True,
         split_t: int | None = None,
+        drop_path_rate: float = 0.0,
     ):
         super().__init__()
         self.__module__ = COMPONENT_MODULE
@@ -887,7 +910,8 @@ class VARDDStudent(ModelMixin, ConfigMixin):
             nn.init.trunc_normal_(t.data, std=init_std)
         self.shared_ada_lin = nn.Sequential(nn.SiLU(), _SharedAdaLin(c, 6 * c)) if shared_aln else nn.Identity()
         self.blocks = nn.ModuleList(
-            _AdaLNSelfAttn(c, c, num_heads, mlp_ratio, norm_eps, shared_aln, attn_l2_norm) for _ in range(depth)
+            _AdaLNSelfAttn(c, c, num_heads, mlp_ratio, norm_eps, shared_aln, attn_l2_norm, dp)
+            for dp in drop_path_rates(drop_path_rate, depth)
         )
         if use_layerwise_n_d_embed:
             self.layerwise_n_d_embed = nn.ModuleList(nn.Linear(c, c) for _ in range(depth + 1))
@@ -923,7 +947,7 @@ class VARDDStudent(ModelMixin, ConfigMixin):
     @classmethod
     def from_teacher(cls, transformer: VARTransformer, split_points, codebook_scale: float = 1.0,
                      layerwise_n_d_embed: bool = True, generator: torch.Generator | None = None,
-                     split_t: int | None = None) -> VARDDStudent:
+                     split_t: int | None = None, drop_path_rate: float = 0.0) -> VARDDStudent:
         """DD's ``init_with_teacher``: copy ``word_embed``, ``class_emb``, ``pos_start``, the blocks,
         ``shared_ada_lin``, ``head_nm`` and ``head``; ``lvl_embed`` / ``pos_1LC`` gain the new leading
         1x1 scale (teacher rows 0 -> 0, k >= 1 -> k + 1; the new row 1 random).  The indicator
@@ -935,7 +959,7 @@ class VARDDStudent(ModelMixin, ConfigMixin):
             embed_dim=cfg.embed_dim, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio, norm_eps=cfg.norm_eps,
             shared_aln=cfg.shared_aln, attn_l2_norm=cfg.attn_l2_norm, patch_nums=list(cfg.patch_nums),
             split_points=list(split_points), codebook_scale=float(codebook_scale),
-            use_layerwise_n_d_embed=layerwise_n_d_embed, split_t=split_t,
+            use_layerwise_n_d_embed=layerwise_n_d_embed, split_t=split_t, drop_path_rate=drop_path_rate,
         )
         src = {k: v.detach().float() for k, v in transformer.state_dict().items()}
         with torch.no_grad():

@@ -956,3 +956,31 @@ def test_distilled_decoding_routes_split_t_to_a_var_student(teacher, tmp_path):
     assert dd.student.head.linear.weight.grad.abs().sum() > 0  # the regression reaches the head
     with pytest.raises(ValueError, match="rbf_tau"):
         DistilledDecoding(teacher, DDConfig(split_points=[0, 2], rbf_tau=0.5, pairs_dir=str(tmp_path / "p")))
+
+
+def test_var_student_drop_path_trains_stochastically_and_leaves_eval_and_keys_alone(teacher):
+    from stepdistill.algorithms.distilled_decoding import DDConfig, DistilledDecoding
+    from stepdistill.pipelines.var_model import drop_path_rates
+
+    assert drop_path_rates(0.1, 3) == pytest.approx([0.0, 0.05, 0.1])
+    plain = VARDDGenerator.from_teacher(teacher, [0, 2])
+    gen = VARDDGenerator.from_teacher(teacher, [0, 2], drop_path_rate=0.5)
+    assert gen.transformer.config.drop_path_rate == 0.5
+    assert [b.drop_path.p for b in gen.transformer.blocks] == pytest.approx([0.0, 0.5])
+    assert set(gen.state_dict()) == set(plain.state_dict())  # no new keys: loads official-layout weights
+    gen.load_state_dict(plain.state_dict())  # the same random init of the new parts
+    z = torch.randn(8, L, CVAE, generator=torch.Generator().manual_seed(0))
+    labels = torch.arange(8) % NC
+    is_data = torch.zeros(8, L, dtype=torch.bool)
+    with torch.no_grad():
+        gen.eval()
+        plain.eval()
+        torch.testing.assert_close(gen.logits(z, labels, is_data), plain.logits(z, labels, is_data))
+        gen.train()
+        torch.manual_seed(1)
+        a = gen.logits(z, labels, is_data)
+        torch.manual_seed(2)
+        b = gen.logits(z, labels, is_data)
+    assert not torch.allclose(a, b)  # a branch of the second block dropped for some samples
+    with pytest.raises(ValueError, match="drop_path_rate"):
+        DistilledDecoding(teacher, DDConfig(split_points=[0, 2], drop_path_rate=1.0))

@@ -689,6 +689,7 @@ class DDConfig:
     )
     split_t: int | None = None  # continuous head from this position (VAR: scale) on (None = no head, CE everywhere)
     regression_weight: float = 1.0  # weight of the head's L2 loss (per position, vs CE per position)
+    drop_path_rate: float = 0.0  # VAR students: stochastic depth in training (linear over the blocks)
     generator_lr: float = 5e-4
     label_smoothing: float = 0.0
 
@@ -731,6 +732,10 @@ class DistilledDecoding(Distiller):
             )
         if c.split_t is not None and not 0 <= int(c.split_t) < n:
             raise ValueError(f"algorithm.params.split_t must be None or in 0..{n - 1}, got {c.split_t}")
+        if not 0.0 <= float(c.drop_path_rate) < 1.0:
+            raise ValueError(f"algorithm.params.drop_path_rate must be in [0, 1), got {c.drop_path_rate}")
+        if float(c.drop_path_rate) > 0 and not scales:
+            raise ValueError("algorithm.params.drop_path_rate applies to VAR students only (the LM student has none)")
         if float(c.regression_weight) < 0:
             raise ValueError(f"algorithm.params.regression_weight must be >= 0, got {c.regression_weight}")
         self.scale = codebook_scale_of(teacher.codebook, c.codebook_scale)
@@ -740,7 +745,8 @@ class DistilledDecoding(Distiller):
 
             if c.rbf_tau is not None:
                 raise ValueError("a VAR student reads the noise / codes through word_embed (no RBF input): unset rbf_tau")
-            self.student = VARDDGenerator.from_teacher(teacher, sp, self.scale, split_t=c.split_t)
+            self.student = VARDDGenerator.from_teacher(teacher, sp, self.scale, split_t=c.split_t,
+                                                       drop_path_rate=c.drop_path_rate)
         else:
             self.student = DDStudent.from_teacher(teacher, codes, sp, self.scale, c.rbf_tau, c.split_t)
         self._pairs: dict[str, Tensor] | None = None  # the whole set, only when a tool asks (ensure_pairs)

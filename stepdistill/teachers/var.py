@@ -397,11 +397,13 @@ class VARDDGenerator(nn.Module):
 
     @classmethod
     def from_teacher(cls, teacher: VARTeacher, split_points, codebook_scale: float = 1.0,
-                     layerwise_n_d_embed: bool = True, split_t: int | None = None) -> VARDDGenerator:
+                     layerwise_n_d_embed: bool = True, split_t: int | None = None,
+                     drop_path_rate: float = 0.0) -> VARDDGenerator:
         """``split_t`` (a scale index, DD's ``loss_split_t``): add the continuous head for the scales
-        from it on (zero output at init)."""
+        from it on (zero output at init).  ``drop_path_rate``: VAR's stochastic depth in training
+        (linear over the blocks up to this rate; VAR-d16 trains with 0.1 x 16 / 24)."""
         st = VARDDStudent.from_teacher(teacher.transformer, split_points, codebook_scale, layerwise_n_d_embed,
-                                       split_t=split_t)
+                                       split_t=split_t, drop_path_rate=drop_path_rate)
         st.requires_grad_(True).train()
         return cls(st, (teacher.codebook.detach().float() * float(codebook_scale)).cpu())
 
