@@ -89,6 +89,18 @@ def _write_json(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+def record_curve_point(path: Path, point: dict) -> list[dict]:
+    """Add a FID-vs-step point to ``path`` (JSON lines, sorted by step), replacing a point of the
+    same step: a run killed after a curve point and resumed from an earlier checkpoint scores that
+    step again.  Written atomically; returns the points."""
+    pts = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.exists() else []
+    pts = sorted([q for q in pts if int(q["step"]) != int(point["step"])] + [point], key=lambda q: int(q["step"]))
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(q) + "\n" for q in pts))
+    os.replace(tmp, path)
+    return pts
+
+
 # ---------------------------------------------------------------------------------------------
 # scoring an exported folder
 
@@ -173,8 +185,7 @@ def _run_method(preset: str, name: str, teacher: CompareTeacher, out: Path, step
         res = scorer(folder, seeds=[scorer.seeds[0]], num_images=curve_images)
         point = {"step": int(step), "fid": res["fid"], "fid_teacher": res.get("fid_teacher"), "clip_score": res.get("clip_score"),
                  "prompt_accuracy": res.get("prompt_accuracy"), "class_accuracy": res.get("class_accuracy")}
-        with open(curve_file, "a") as f:
-            f.write(json.dumps(point) + "\n")
+        record_curve_point(curve_file, point)
         return {"curve_fid": float(res["fid"])}
 
     log(f"[compare] {name}: training {preset} for {steps} steps in {run_dir}")

@@ -199,3 +199,17 @@ def test_t2i_preset_trains_and_exports_on_a_tiny_teacher(preset, setup, tmp_path
     out = pipe(["a red seven on a blue background"], generator=torch.Generator().manual_seed(0), output_type="np",
                **({} if preset in MSD else {"timesteps": timesteps, "guidance_scale": 1.0}))
     assert out.images.shape[0] == 1 and (out.images == out.images).all()
+
+
+def test_a_curve_point_scored_again_after_a_resume_replaces_the_old_one(tmp_path):
+    """Killed after the step-750 point, resumed from checkpoint 600: step 750 is scored again and
+    must not appear twice (seen in the t2i DisBack-VSD run)."""
+    from stepdistill.compare import record_curve_point
+
+    f = tmp_path / "curve.jsonl"
+    for step, fid in ((250, 9.0), (500, 8.0), (750, 7.0)):
+        record_curve_point(f, {"step": step, "fid": fid})
+    pts = record_curve_point(f, {"step": 750, "fid": 6.5})
+    lines = [json.loads(ln) for ln in f.read_text().splitlines()]
+    assert lines == pts and [p["step"] for p in lines] == [250, 500, 750] and lines[-1]["fid"] == 6.5
+    assert not (tmp_path / "curve.jsonl.tmp").exists()
