@@ -645,12 +645,12 @@ def test_teacher_involved_sampling_over_scales(teacher, sampler):
     labels = torch.tensor([0, 2, 4])
     flow = {"num_steps": 6, "dtype": torch.float64}
     gens = lambda: [torch.Generator().manual_seed(10 + i) for i in range(3)]  # noqa: E731
-    kw = {"flow": flow, "teacher_sampler": sampler}
     with torch.no_grad():
         one = gen(z, labels, num_steps=1)
         n2 = st.data_tokens(2)
         for k in (1, 2):
-            tok, vec = gen.generate(z, labels, teacher=teacher, teacher_steps=k, generator=gens(), **kw)
+            tok, vec = gen.generate(z, labels, teacher_fn=teacher_span_fn(teacher, gen.codes, flow, sampler, gens()),
+                                    teacher_steps=k)
             keep = st.data_tokens(2 - k)
             assert torch.equal(tok[:, :keep], one[:, :keep])  # the student's kept scales
             # the teacher's scales after that prefix, drawn as a plain teacher call would
@@ -667,21 +667,24 @@ def test_teacher_involved_sampling_over_scales(teacher, sampler):
             last = st.logits(xin, labels, torch.arange(L)[None].expand(3, -1) < n2).argmax(-1)
             assert torch.equal(tok[:, n2:], last[:, n2:]) and torch.equal(vec, gen.codes[tok])
         if sampler == "flow":  # k = t2: the whole prefix is the teacher's flow map = its token map's scales
-            tok, _ = gen.generate(z, labels, teacher=teacher, teacher_steps=2, **kw)
+            tok, _ = gen.generate(z, labels, teacher_fn=teacher_span_fn(teacher, gen.codes, flow, sampler),
+                                  teacher_steps=2)
             full = var_token_map(teacher, z, labels, lambda zz, lg: flow_map(zz, gen.codes, lg, **flow))
             assert torch.equal(tok[:, :n2], full[:, :n2])
         # the exported pipeline class takes the same teacher_fn
         pipe = VARDDPipeline(vqvae=teacher.vqvae, transformer=st, num_inference_steps=1)
         fn = teacher_span_fn(teacher, gen.codes, flow, sampler, gens())
         out = pipe(class_labels=labels, noise=z, teacher_fn=fn, teacher_steps=1, output_type="tokens").images
-        ref, _ = gen.generate(z, labels, teacher=teacher, teacher_steps=1, generator=gens(), **kw)
+        ref, _ = gen.generate(z, labels, teacher_fn=teacher_span_fn(teacher, gen.codes, flow, sampler, gens()),
+                              teacher_steps=1)
         assert torch.equal(out, ref)
-    with pytest.raises(ValueError, match="needs the VAR teacher"):
+    fn = teacher_span_fn(teacher, gen.codes, flow, sampler, gens())
+    with pytest.raises(ValueError, match="needs teacher_fn"):
         gen.generate(z, labels, teacher_steps=1)
     with pytest.raises(ValueError, match="teacher_steps must be in 0..2"):
-        gen.generate(z, labels, teacher=teacher, teacher_steps=3)
+        gen.generate(z, labels, teacher_fn=fn, teacher_steps=3)
     with pytest.raises(ValueError, match="second split point"):
-        VARDDGenerator.from_teacher(teacher, split_points=[0]).generate(z, labels, teacher=teacher, teacher_steps=1)
+        VARDDGenerator.from_teacher(teacher, split_points=[0]).generate(z, labels, teacher_fn=fn, teacher_steps=1)
 
 
 def test_dd_trains_on_teacher_pairs_loss_falls_and_exports_for_plain_diffusers(teacher, tmp_path):

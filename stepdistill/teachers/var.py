@@ -450,26 +450,21 @@ class VARDDGenerator(nn.Module):
         """Tokens (B, L) (with the head: the nearest codes at its scales; :meth:`generate` gives the vectors)."""
         return self.generate(noise, cond, num_steps)[0]
 
-    def generate(self, noise: Tensor, cond: Tensor, num_steps: int | None = None, teacher=None,
-                 teacher_steps: int = 0, flow: dict | None = None, teacher_sampler: str = "flow",
-                 generator=None) -> tuple[Tensor, Tensor]:
-        """``DDStudent.generate``'s shape: ``(tokens (B, L), their flow-space codes (B, L, d))``; with
-        the VAR ``teacher`` and ``teacher_steps`` (in scales) the teacher-involved sampler
-        (:func:`~stepdistill.pipelines.var_model.var_dd_generate`; ``flow`` / ``teacher_sampler`` /
-        ``generator``: see ``stepdistill.algorithms.distilled_decoding.teacher_span_fn``)."""
+    def generate(self, noise: Tensor, cond: Tensor, num_steps: int | None = None, teacher_fn=None,
+                 teacher_steps: int = 0, **_: Any) -> tuple[Tensor, Tensor]:
+        """``DDStudent.generate``'s shape: ``(tokens (B, L), their flow-space vectors (B, L, d))``; with
+        ``teacher_fn`` (``stepdistill.algorithms.distilled_decoding.teacher_span_fn(VARTeacher, codes,
+        ...)``: teachers import nothing from the algorithms) and ``teacher_steps`` (in scales) the
+        teacher-involved sampler (:func:`~stepdistill.pipelines.var_model.var_dd_generate`)."""
         from ..pipelines.var_model import var_dd_generate
 
-        fn = None
         if teacher_steps:
-            if teacher is None:
-                raise ValueError("teacher_steps > 0 needs the VAR teacher (teacher=...)")
-            from ..algorithms.distilled_decoding import teacher_span_fn  # the flow map lives there
-
-            fn = teacher_span_fn(teacher, self.codes, flow, teacher_sampler, generator)
+            if teacher_fn is None:
+                raise ValueError("teacher_steps > 0 needs teacher_fn (teacher_span_fn of the VAR teacher)")
             if num_steps is None:
                 num_steps = self.num_steps
         return var_dd_generate(self.transformer, self.codes, noise.float(), cond.long(), num_steps,
-                               teacher_fn=fn, teacher_steps=teacher_steps, return_vectors=True)
+                               teacher_fn=teacher_fn, teacher_steps=teacher_steps, return_vectors=True)
 
     def decode(self, vqvae, tokens: Tensor, vectors: Tensor | None = None) -> Tensor:
         """Images in [-1, 1] through ``f_hat``: from the vectors (divided back by ``codebook_scale``,
