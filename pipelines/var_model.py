@@ -551,7 +551,8 @@ class _DropPath(nn.Module):
 
 def drop_path_rates(rate: float, depth: int) -> list[float]:
     """VAR's per-block stochastic-depth rates: linear from 0 to ``rate`` over the blocks."""
-    return [float(r) for r in torch.linspace(0, float(rate), int(depth))] if depth else []
+    depth = int(depth)  # plain floats (no tensor: this also runs under torch.device("meta"))
+    return [float(rate) * i / (depth - 1) if depth > 1 else 0.0 for i in range(depth)]
 
 
 class _AdaLNSelfAttn(nn.Module):
