@@ -26,6 +26,23 @@ def _cfg(folder, algo="dmd2", params=None, train=None, teacher=None):
             "train": {"batch_size": 4, **(train or {})}}
 
 
+def _real_saved_bytes(model, forward) -> int:
+    """Bytes autograd saves in ``forward()`` (a real CPU pass of ``model``, parameters excluded),
+    plus the loss's output-sized float32 tensor the plan also counts."""
+    params = {p.data_ptr() for p in model.parameters()}
+    saved = {}
+
+    def pack(t):
+        b = t._base if t._base is not None else t
+        if b.data_ptr() not in params:
+            saved[b.data_ptr()] = b.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = forward()
+    return sum(saved.values()) + out.numel() * 4
+
+
 def _row(plan, prefix):
     return next(r for r in plan.rows if r.name.startswith(prefix))
 
@@ -98,20 +115,9 @@ def test_activation_estimate_matches_the_saved_tensors_of_a_real_forward(sd_fold
     est = measure_activations(arch, copy.deepcopy(arch.denoiser).requires_grad_(True), 4).saved
     model = DiffusersTeacher.from_pretrained(str(sd_folder)).model
     model = copy.deepcopy(model).requires_grad_(True)
-    params = {p.data_ptr() for p in model.parameters()}
-    saved = {}
-
-    def pack(t):
-        b = t._base if t._base is not None else t
-        if b.data_ptr() not in params:
-            saved[b.data_ptr()] = b.untyped_storage().nbytes()
-        return t
-
     seq = arch.text_seq_len
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = model(torch.randn(4, *arch.sample_shape), torch.full((4,), 500.0),
-                    encoder_hidden_states=torch.randn(4, seq, model.config.cross_attention_dim)).sample
-    real = sum(saved.values()) + out.numel() * 4  # the plan also counts the loss's output-sized tensor
+    real = _real_saved_bytes(model, lambda: model(torch.randn(4, *arch.sample_shape), torch.full((4,), 500.0),
+                             encoder_hidden_states=torch.randn(4, seq, model.config.cross_attention_dim)).sample)
     assert abs(est - real) / real < 0.05, (est, real)
 
 
@@ -273,20 +279,9 @@ def test_var_folder_plans_dd_and_the_estimate_matches_a_real_forward(tmp_path):
     student = VARDDGenerator.from_teacher(teacher, [0, 2], split_t=1).transformer.requires_grad_(True)
     assert recipe.groups[0].trainable == sum(p.numel() for p in student.parameters())
     est = measure_activations(arch, recipe.phases[0].forwards[0].net, 4).saved
-    params = {p.data_ptr() for p in student.parameters()}
-    saved = {}
-
-    def pack(t):
-        b = t._base if t._base is not None else t
-        if b.data_ptr() not in params:
-            saved[b.data_ptr()] = b.untyped_storage().nbytes()
-        return t
-
     n = student.L
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = student.predict(torch.randn(4, n, student.Cvae), torch.zeros(4, dtype=torch.long),
-                              torch.zeros(4, n, dtype=torch.bool))[0]
-    real = sum(saved.values()) + out.numel() * 4
+    real = _real_saved_bytes(student, lambda: student.predict(torch.randn(4, n, student.Cvae),
+                             torch.zeros(4, dtype=torch.long), torch.zeros(4, n, dtype=torch.bool))[0])
     assert abs(est - real) / real < 0.05, (est, real)
     from stepdistill.config import ConfigError
 
